@@ -1,0 +1,253 @@
+"""The contract every adapter × method passes (ARCHITECTURE.md "Tests"). Families come from tests/families.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vtprune
+from tests.families import FAMILIES, batch, model_and_processor
+
+METHODS = ["fastervlm", "divprune", "random", "uniform"]
+KEEP = 6
+CASES = [(f, m) for f in FAMILIES for m in METHODS]
+
+
+def _gen(model, inputs, **kw):
+    return model.generate(**inputs, max_new_tokens=8, do_sample=False, **kw)
+
+
+def _kept_rows(report, b):
+    """Original positions kept in sample b (the pruned sequence without padding)."""
+    tm = report.token_map[b]
+    return tm[tm >= 0]
+
+
+@pytest.mark.parametrize("family,method", CASES)
+def test_identity_keep_all(family, method):
+    model, _ = model_and_processor(family)
+    inputs = batch(family, [0, 1])
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+        ref_ids = _gen(model, inputs)
+        vtprune.prune(model, method=method, keep=100_000)
+        logits = model(**inputs).logits
+        ids = _gen(model, inputs)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(ids, ref_ids)
+    rep = vtprune.last_report(model)
+    assert all(i.n_after == i.n_before for i in rep.images)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_images_runs_unchanged(family):
+    model, proc = model_and_processor(family)
+    inputs = proc.tokenizer(["USER: hello there ASSISTANT:"], return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_ids = _gen(model, inputs)
+        vtprune.prune(model, method="divprune", keep=2)
+        assert torch.equal(model(**inputs).logits, ref)
+        assert torch.equal(_gen(model, inputs), ref_ids)
+    assert vtprune.last_report(model) is None
+
+
+def _reference_logits(model, inputs, report, positions: str):
+    """Unpruned model on the full sequence, dropped image tokens masked out, kept tokens at their positions."""
+    ids = inputs["input_ids"]
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    for b in range(ids.shape[0]):
+        keep[b, _kept_rows(report, b)] = True
+    mask = inputs["attention_mask"] * keep
+    if positions == "preserve":
+        pos = torch.arange(ids.shape[1]).expand_as(ids)  # forward's own default positions
+    else:
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with vtprune.disabled(model), torch.no_grad():
+        out = model(**{**inputs, "attention_mask": mask, "position_ids": pos}).logits
+    return out, keep
+
+
+@pytest.mark.parametrize("positions", ["preserve", "compact"])
+@pytest.mark.parametrize("family,method", CASES)
+def test_matches_hand_built_reference(family, method, positions):
+    model, _ = model_and_processor(family)
+    inputs = batch(family, [0])
+    vtprune.prune(model, method=method, keep=KEEP, positions=positions)
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    rep = vtprune.last_report(model)
+    assert rep.visual_after < rep.visual_before
+    ref, keep = _reference_logits(model, inputs, rep, positions)
+    torch.testing.assert_close(pruned[0], ref[0][keep[0]], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,method", CASES)
+def test_report_and_budget(family, method):
+    model, _ = model_and_processor(family)
+    inputs = batch(family, [0, 1, 2])
+    vtprune.prune(model, method=method, keep=KEEP)
+    with torch.no_grad():
+        model(**inputs)
+    rep = vtprune.last_report(model)
+    assert [(i.sample, i.image) for i in rep.images] == [(0, 0), (1, 0), (2, 0)]
+    for im in rep.images:
+        assert im.kept.dtype == torch.long
+        assert torch.equal(im.kept, im.kept.sort().values) and im.kept.unique().numel() == im.n_after
+        assert int(im.kept.max()) < im.n_before
+        # the budget counts image tokens; LLaVA-NeXT newline tokens are kept on top only where the method says so
+        counted = im.n_after - (im.n_newline if vtprune.registry.get_selector(method).newlines == "keep" else 0)
+        assert counted == KEEP
+        assert im.method == method and im.stage == "pre_llm" and im.ms >= 0
+    assert rep.flops_after < rep.flops_before
+    assert "visual tokens" in str(rep)
+
+
+@pytest.mark.parametrize("family,method", CASES)
+def test_generate_returns_original_prompt_and_cache_parity(family, method):
+    model, _ = model_and_processor(family)
+    inputs = batch(family, [0, 1])
+    vtprune.prune(model, method=method, keep=KEEP)
+    with torch.no_grad():
+        out = _gen(model, inputs)
+        no_cache = _gen(model, inputs, use_cache=False)
+    n_in = inputs["input_ids"].shape[1]
+    assert torch.equal(out[:, :n_in], inputs["input_ids"])
+    assert out.shape[1] == n_in + 8
+    assert torch.equal(out, no_cache)
+
+
+@pytest.mark.parametrize("family,method", CASES)
+def test_batch_equals_one_at_a_time(family, method):
+    model, _ = model_and_processor(family)
+    vtprune.prune(model, method=method, keep=KEEP)
+    full = batch(family, [0, 1, 2])
+    n_in = full["input_ids"].shape[1]
+    with torch.no_grad():
+        ids = _gen(model, full)
+        rep_b = vtprune.last_report(model)
+        for b in range(3):
+            one = batch(family, [b])
+            ids_1 = _gen(model, one)
+            rep_1 = vtprune.last_report(model)
+            assert torch.equal(rep_1.images[0].kept, rep_b.images[b].kept)
+            assert torch.equal(ids[b, n_in:], ids_1[0, one["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("family,method", [(f, "fastervlm") for f in FAMILIES] + [(f, "divprune") for f in FAMILIES])
+def test_forward_batch_logits_equal_single(family, method):
+    """Left-padded batch with generate-style positions gives the same logits per kept token as one sample alone."""
+    model, _ = model_and_processor(family)
+    vtprune.prune(model, method=method, keep=KEEP)
+
+    def pos(inp):
+        m = inp["attention_mask"]
+        return (m.cumsum(1) - 1).clamp(min=0)
+
+    full = batch(family, [0, 1, 2])
+    with torch.no_grad():
+        lb = model(**full, position_ids=pos(full)).logits
+        rep_b = vtprune.last_report(model)
+        for b in range(3):
+            one = batch(family, [b])
+            l1 = model(**one, position_ids=pos(one)).logits
+            n1 = l1.shape[1]
+            torch.testing.assert_close(lb[b, -n1:], l1[0], rtol=0, atol=1e-5)
+            head = rep_b.token_map[b, :-n1]  # padding only: added (-1) or the caller's own padding
+            assert ((head == -1) | (full["attention_mask"][b, head.clamp(min=0)] == 0)).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_are_compacted(family):
+    model, _ = model_and_processor(family)
+    inputs = batch(family, [0, 1])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    vtprune.prune(model, method="divprune", keep=KEEP)
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+    rep = vtprune.last_report(model)
+    tm = rep.token_map
+    exp = torch.where(tm >= 0, labels.gather(1, tm.clamp(min=0)), torch.full_like(tm, -100))
+    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    loss = torch.nn.functional.cross_entropy(logits, exp[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, loss)
+
+
+@pytest.mark.parametrize("family,method", CASES)
+def test_reversible(family, method):
+    model, _ = model_and_processor(family)
+    inputs = batch(family, [0, 1])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_ids = _gen(model, inputs)
+    keys = list(model.state_dict())
+    dict_keys = set(model.__dict__)
+    impl = model.config.vision_config._attn_implementation
+    hooks = dict(model._forward_pre_hooks)
+    vtprune.prune(model, method=method, keep=KEEP)
+    assert vtprune.is_pruned(model)
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[1] < ref.shape[1]
+        with vtprune.disabled(model):
+            assert torch.equal(model(**inputs).logits, ref)
+            assert torch.equal(_gen(model, inputs), ref_ids)
+        assert model(**inputs).logits.shape[1] < ref.shape[1]
+    vtprune.unprune(model)
+    assert not vtprune.is_pruned(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+        assert torch.equal(_gen(model, inputs), ref_ids)
+    assert list(model.state_dict()) == keys
+    assert set(model.__dict__) == dict_keys
+    assert model.config.vision_config._attn_implementation == impl
+    assert dict(model._forward_pre_hooks) == hooks
+    assert model.generate.__func__ is type(model).generate
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_with_accelerate_hooks(family):
+    from accelerate import dispatch_model
+
+    model, _ = model_and_processor(family)
+    inputs = batch(family, [0, 1])
+    vtprune.prune(model, method="fastervlm", keep=KEEP)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        plain_ids = _gen(model, inputs)
+    vtprune.unprune(model)
+    device_map = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", "model.language_model": "cpu",
+                  "lm_head": "cpu"}
+    dispatch_model(model, device_map=device_map, force_hooks=True)
+    assert hasattr(model.model.language_model, "_hf_hook")
+    vtprune.prune(model, method="fastervlm", keep=KEEP)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain)
+        assert torch.equal(_gen(model, inputs), plain_ids)
+
+
+def test_text_agnostic_selectors_ignore_the_question():
+    model, proc = model_and_processor("llava")
+    from vtprune.testing import tiny_image
+
+    img = tiny_image(60, 60, seed=3)
+    vtprune.prune(model, method="fastervlm", keep=KEEP)
+    kept = []
+    for q in ["USER: <image>\nwhat colour? ASSISTANT:", "USER: <image>\nhow many shapes are there? ASSISTANT:"]:
+        with torch.no_grad():
+            model(**proc(images=[img], text=[q], return_tensors="pt"))
+        kept.append(vtprune.last_report(model).images[0].kept)
+    assert torch.equal(kept[0], kept[1])
+
+
+def test_two_images_in_one_prompt_get_their_own_budget():
+    model, proc = model_and_processor("llava")
+    from vtprune.testing import tiny_image
+
+    inputs = proc(images=[tiny_image(60, 60, 1), tiny_image(60, 60, 2)],
+                  text=["USER: <image> and <image>\ncompare them ASSISTANT:"], return_tensors="pt")
+    vtprune.prune(model, method="divprune", keep=4)
+    with torch.no_grad():
+        out = model(**inputs).logits
+    rep = vtprune.last_report(model)
+    assert [(i.sample, i.image, i.n_after) for i in rep.images] == [(0, 0, 4), (0, 1, 4)]
+    assert out.shape[1] == inputs["input_ids"].shape[1] - 2 * (16 - 4)

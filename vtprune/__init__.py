@@ -1,0 +1,28 @@
+"""vtprune: visual-token pruning for unmodified Hugging Face vision-language models.
+
+    import vtprune
+    vtprune.prune(model, method="divprune", keep=64)   # in place; returns the same model
+    out = model.generate(**inputs)                      # unchanged user code
+    print(vtprune.last_report(model))
+
+Importing vtprune imports no triton, no transformers model code and touches no CUDA.
+"""
+
+from .api import disabled, is_pruned, last_report, prune, select_tokens, unprune
+from .config import PruneConfig, StageSpec
+from .registry import list_methods, register_selector, supported_models
+
+__all__ = [
+    "PruneConfig",
+    "StageSpec",
+    "disabled",
+    "is_pruned",
+    "last_report",
+    "list_methods",
+    "prune",
+    "register_selector",
+    "select_tokens",
+    "supported_models",
+    "unprune",
+]
+__version__ = "0.1.0"

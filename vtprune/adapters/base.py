@@ -1,0 +1,241 @@
+"""What every adapter shares: turning one call's inputs into a pruned call.
+
+The family file supplies ``encode`` (run the model's own feature extraction once, plus the signals a selector
+asked for, plus the token layout); this file assigns images to samples, runs the selector per image, and rewrites
+``input_ids`` / ``attention_mask`` / positions / ``labels`` so the unchanged model consumes only the kept tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..config import PruneConfig, StageSpec
+from ..kernels import gather_tokens
+from ..report import ImageReport, PruneReport, Timer, prefill_flops
+from ..selectors.base import SelectorSpec
+
+
+@dataclass
+class ImageTokens:
+    """One image as the language model would receive it.
+
+    ``features``: [n, D] post-projector tokens, in the order the model injects them.
+    ``newline``: BoolTensor[n] marking layout-only tokens (LLaVA-NeXT ``image_newline``), or None.
+    ``grid``: (h, w) or list of (h, w) segments covering the non-newline tokens in raster order, or None.
+    ``signals``: per-token signals over all n tokens, e.g. ``cls_attention`` [n].
+    """
+
+    features: torch.Tensor
+    newline: torch.Tensor | None = None
+    grid: Any = None
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    signal_source: str = ""
+
+
+class Adapter:
+    """Base class; family files override ``encode`` and the attributes below."""
+
+    #: signals this family can provide
+    provides: tuple[str, ...] = ()
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    # ---- family hooks -------------------------------------------------------------------------------------------
+    def check_method(self, spec: SelectorSpec) -> None:
+        missing = [s for s in spec.requires if s not in self.provides]
+        if missing:
+            raise ValueError(
+                f"method {spec.name!r} needs the signal(s) {missing}, which {type(self.model).__name__} "
+                f"({self.model.config.model_type}) cannot provide; methods that need no extra signal: divprune, random, "
+                "uniform"
+            )
+
+    def attach(self, needs: set[str]) -> None:
+        """Prepare the model once (e.g. install attention probes). Must be undone by ``detach``."""
+
+    def detach(self) -> None:
+        pass
+
+    def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
+        raise NotImplementedError
+
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def pad_token_id(self) -> int:
+        cfg = self.model.config
+        for c in (cfg, getattr(cfg, "text_config", None)):
+            pid = getattr(c, "pad_token_id", None) if c is not None else None
+            if pid is not None and pid != self.image_token_id():
+                return int(pid)
+        return 0 if self.image_token_id() != 0 else 1
+
+    def text_dims(self) -> tuple[int, int, int]:
+        tc = getattr(self.model.config, "text_config", self.model.config)
+        return tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers
+
+    # ---- shared machinery ---------------------------------------------------------------------------------------
+    def prune_call(self, kwargs: dict[str, Any], config: PruneConfig, spec: SelectorSpec, generate: bool
+                   ) -> tuple[dict[str, Any], PruneReport] | None:
+        """Rewrite one prefill call; ``None`` means "run it unchanged" (no images, or not a prefill)."""
+        if kwargs.get("pixel_values") is None:
+            return None
+        cache = kwargs.get("past_key_values")
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            return None
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("vtprune needs input_ids to find the image placeholders (got inputs_embeds); pass "
+                             "input_ids, or run this call inside `with vtprune.disabled(model):`")
+        stage = config.stages[0]
+        images = self.encode(kwargs, set(spec.requires) | set(spec.optional))
+        owner = self._assign(input_ids, images)
+        kept_idx, report = self._select(images, owner, stage, spec, config)
+        new_kwargs = self._rewrite(kwargs, images, owner, kept_idx, config, generate, report)
+        return new_kwargs, report
+
+    def _assign(self, input_ids: torch.Tensor, images: list[ImageTokens]) -> list[tuple[int, int, torch.Tensor]]:
+        """Map images (in order) to samples: (sample, image index in sample, placeholder positions [n])."""
+        is_img = input_ids == self.image_token_id()
+        counts = is_img.sum(1).tolist()
+        out, i = [], 0
+        for b, c in enumerate(counts):
+            pos = is_img[b].nonzero().flatten()
+            used, j = 0, 0
+            while used < c and i < len(images):
+                n = images[i].features.shape[0]
+                out.append((b, j, pos[used:used + n]))
+                used, i, j = used + n, i + 1, j + 1
+            if used != c:
+                raise ValueError(
+                    f"sample {b} has {c} image placeholder tokens but the images given for it have {used} visual "
+                    f"tokens ({len(images)} images in all for {len(counts)} samples); each image needs exactly one "
+                    "placeholder run from the processor — check that the prompt's image count matches the images"
+                )
+        if i != len(images):
+            raise ValueError(f"{len(images)} images were given but the prompts' placeholder runs hold only {i} of them; "
+                             "each image needs its own placeholder run in input_ids")
+        return out
+
+    def _select(self, images, owner, stage: StageSpec, spec: SelectorSpec, config: PruneConfig):
+        """Run the selector batched over images of equal shape; return kept token indices per image."""
+        report = PruneReport(stage=stage.where, positions=config.positions)
+        # candidates: tokens offered to the selector; forced: layout tokens always kept (not counted)
+        cand, forced, budget = [], [], []
+        for im in images:
+            n = im.features.shape[0]
+            nl = im.newline if im.newline is not None else torch.zeros(n, dtype=torch.bool, device=im.features.device)
+            if spec.newlines == "pool":
+                c, f = torch.arange(n, device=nl.device), nl.new_zeros(0, dtype=torch.long)
+            else:
+                c, f = (~nl).nonzero().flatten(), nl.nonzero().flatten()
+            cand.append(c)
+            forced.append(f)
+            budget.append(stage.budget(c.numel()))
+        groups: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault((cand[i].numel(), budget[i], repr(im.grid) if spec.newlines != "pool" else ""),
+                              []).append(i)
+        kept: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
+        timers: dict[int, tuple[Timer, int]] = {}
+        for (m, k, _), idxs in groups.items():
+            if k >= m:  # nothing to drop in these images
+                for i in idxs:
+                    kept[i] = torch.cat([cand[i], forced[i]]).sort().values
+                continue
+            feats = torch.stack([images[i].features[cand[i]] for i in idxs])
+            signals: dict[str, Any] = {}
+            for s in spec.requires + spec.optional:
+                if s == "seed":
+                    signals["seed"] = torch.tensor([config.seed * 1_000_003 + owner[i][1] for i in idxs])
+                elif s == "grid":
+                    signals["grid"] = images[idxs[0]].grid
+                elif s in images[idxs[0]].signals:
+                    signals[s] = torch.stack([images[i].signals[s][cand[i]] for i in idxs])
+            timer = Timer(feats.device)
+            with timer:
+                sel = spec.fn(feats, k, **stage.options, **signals)
+            for r, i in enumerate(idxs):
+                kept[i] = torch.cat([cand[i][sel[r]], forced[i]]).sort().values
+                timers[i] = (timer, len(idxs))
+        for i, im in enumerate(images):
+            t, share = timers.get(i, (None, 1))
+            nl = im.newline
+            report.images.append(ImageReport(
+                sample=owner[i][0], image=owner[i][1], kept=kept[i], n_before=im.features.shape[0],
+                method=spec.name, stage=stage.where, signal=im.signal_source,
+                n_newline=int(nl[kept[i]].sum()) if nl is not None else 0, _timer=t, _share=share))
+        return kept, report
+
+    def _rewrite(self, kwargs, images, owner, kept_idx, config: PruneConfig, generate: bool, report: PruneReport):
+        input_ids = kwargs["input_ids"]
+        b, length = input_ids.shape
+        dev = input_ids.device
+        keep = torch.ones(b, length, dtype=torch.bool, device=dev)
+        for (s, _, pos), im, k in zip(owner, images, kept_idx):
+            drop = torch.ones(im.features.shape[0], dtype=torch.bool, device=dev)
+            drop[k.to(dev)] = False
+            keep[s, pos[drop]] = False
+        features = [gather_tokens(im.features[None], k[None].to(im.features.device))[0]
+                    for im, k in zip(images, kept_idx)]
+        new = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "image_sizes")}
+        new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        mask = kwargs.get("attention_mask")
+        report.tokens_before = (mask.sum(1) if mask is not None else torch.full((b,), length)).tolist()
+        if bool(keep.all()):
+            report.tokens_after = list(report.tokens_before)
+            report.token_map = torch.arange(length, device=dev).expand(b, length)
+            self._flops(report)
+            return new
+        # kept positions first (stable, original order), then left-pad rows to the longest
+        n_keep = keep.sum(1)
+        new_len = int(n_keep.max())
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+        shift = new_len - n_keep
+        j = torch.arange(new_len, device=dev).expand(b, new_len)
+        src = order.gather(1, (j - shift[:, None]).clamp(min=0))
+        pad = j < shift[:, None]
+        token_map = src.masked_fill(pad, -1)
+        report.token_map = token_map
+
+        def take(t: torch.Tensor, fill: int | float) -> torch.Tensor:
+            # per-token tensors are [B, L] (or [..., B, L] for 3-D positions): gather the last axis
+            idx = src.expand(*t.shape[:-2], b, new_len) if t.dim() > 2 else src
+            return t.gather(-1, idx).masked_fill(pad.expand_as(idx), fill)
+
+        new["input_ids"] = take(input_ids, self.pad_token_id())
+        full_mask = mask if mask is not None else torch.ones_like(input_ids)
+        new["attention_mask"] = take(full_mask, 0)
+        if kwargs.get("labels") is not None:
+            new["labels"] = take(kwargs["labels"], -100)
+        for name in ("token_type_ids", "mm_token_type_ids"):
+            if kwargs.get(name) is not None:
+                new[name] = take(kwargs[name], 0)
+        if config.positions == "preserve":
+            new["position_ids"] = take(self.original_positions(kwargs, generate), 0)
+        else:
+            new.pop("position_ids", None)
+        report.tokens_after = new["attention_mask"].sum(1).tolist()
+        self._flops(report)
+        return new
+
+    def original_positions(self, kwargs: dict[str, Any], generate: bool) -> torch.Tensor:
+        """Position ids the unpruned model would give this prompt ([B, L] for 1-D RoPE families)."""
+        if kwargs.get("position_ids") is not None:
+            return kwargs["position_ids"]
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        if generate and mask is not None:
+            # generate's own rule (GenerationMixin._prepare_position_ids_for_generation): cumsum over the mask
+            return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        # forward's rule without a cache: arange over the sequence
+        return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+
+    def _flops(self, report: PruneReport) -> None:
+        d, m, n_layers = self.text_dims()
+        report.flops_before = prefill_flops(report.tokens_before, d, m, n_layers)
+        report.flops_after = prefill_flops(report.tokens_after, d, m, n_layers)

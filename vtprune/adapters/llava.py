@@ -1,0 +1,168 @@
+"""LLaVA-1.5 (``llava``) and LLaVA-NeXT AnyRes (``llava_next``) from transformers ≥ 5.
+
+Features come from the model's own ``get_image_features`` (one call per prompt batch). The [CLS] signal is the
+attention row of the vision layer whose hidden states feed the projector (``vision_feature_layer``), captured by
+a probe on that one ViT layer while the tower keeps its own attention implementation (SDPA by default); the
+language model is never touched.
+
+LLaVA-NeXT layout: base image tokens, then the stitched and unpadded crop map with one ``image_newline`` token per
+row. The layout is read by running the model's own ``pack_image_features`` on token indices, so it can never drift
+from what the model does to the features.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..probes import Capture, probe_name
+from .base import Adapter, ImageTokens
+
+_NO_CLS_TOWERS = ("siglip_vision_model", "siglip2_vision_model")
+
+
+def _vision_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
+    for path in ("vision_model.encoder.layers", "encoder.layers", "transformer.layers"):
+        mod: Any = tower
+        try:
+            for part in path.split("."):
+                mod = getattr(mod, part)
+        except AttributeError:
+            continue
+        return mod
+    raise ValueError(f"vtprune: cannot find the encoder layers of vision tower {type(tower).__name__}")
+
+
+class LlavaAdapter(Adapter):
+    provides = ("cls_attention", "grid")
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        base = getattr(model, "model", None)
+        if base is None or not hasattr(base, "get_image_features") or not hasattr(base, "vision_tower"):
+            raise ValueError(f"{type(model).__name__} has no vision tower at model.model.vision_tower; vtprune "
+                             "supports the *ForConditionalGeneration classes of LLaVA and LLaVA-NeXT")
+        self.base = base
+        self._saved_impl: str | None = None
+
+    # ---- signals ------------------------------------------------------------------------------------------------
+    def _cls_layer(self, feature_layer: Any) -> torch.nn.Module:
+        layers = _vision_layers(self.base.vision_tower)
+        k = feature_layer[-1] if isinstance(feature_layer, (list, tuple)) else int(feature_layer)
+        # hidden_states[k] is the output of ViT layer k-1 (entry 0 is the embeddings)
+        idx = k - 1 if k >= 0 else len(layers) + k
+        if not 0 <= idx < len(layers):
+            raise ValueError(f"vision_feature_layer={feature_layer!r} reads the patch embeddings; there is no "
+                             "attention layer whose [CLS] row could score them (fastervlm needs a transformer layer)")
+        return layers[idx].self_attn
+
+    def check_method(self, spec) -> None:
+        super().check_method(spec)
+        vt = self.model.config.vision_config.model_type
+        if "cls_attention" in spec.requires and vt in _NO_CLS_TOWERS:
+            raise ValueError(f"method {spec.name!r} needs [CLS] attention but this model's vision tower ({vt}) has no "
+                             "[CLS] token; use divprune, random or uniform")
+
+    def attach(self, needs: set[str]) -> None:
+        if "cls_attention" in needs:
+            cfg = self.model.config.vision_config
+            self._saved_impl = cfg._attn_implementation
+            self.model.set_attn_implementation({"vision_config": probe_name(self._saved_impl or "sdpa")})
+
+    def detach(self) -> None:
+        if self._saved_impl is not None:
+            self.model.set_attn_implementation({"vision_config": self._saved_impl})
+            self._saved_impl = None
+
+    # ---- features ------------------------------------------------------------------------------------------------
+    def _feature_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.model.config
+        layer = kwargs.get("vision_feature_layer")
+        strategy = kwargs.get("vision_feature_select_strategy")
+        return {"vision_feature_layer": cfg.vision_feature_layer if layer is None else layer,
+                "vision_feature_select_strategy": cfg.vision_feature_select_strategy if strategy is None else strategy}
+
+    def _run_tower(self, kwargs: dict[str, Any], needs: set[str], extra: dict[str, Any]):
+        args = self._feature_args(kwargs)
+        want_cls = "cls_attention" in needs
+        if want_cls and self._saved_impl is None:
+            raise RuntimeError("vtprune: the [CLS] probe is not installed (was the vision attention implementation "
+                               "changed after prune?); call vtprune.unprune(model) and prune again")
+        attn = self._cls_layer(args["vision_feature_layer"]) if want_cls else None
+        cap = Capture(attn, rows=slice(0, 1)) if want_cls else None
+        if cap is not None:
+            cap.__enter__()
+        try:
+            out = self.base.get_image_features(pixel_values=kwargs["pixel_values"], **extra, **args, return_dict=True)
+        finally:
+            if cap is not None:
+                cap.__exit__(None, None, None)
+        cls = None
+        if want_cls:
+            if cap.result is None:
+                raise RuntimeError("vtprune: the [CLS] attention probe did not fire during the vision forward; the "
+                                   "vision attention implementation was changed after prune")
+            cls = cap.result[:, :, 0].mean(1)  # [sub-images, 1 + patches], head mean
+            if args["vision_feature_select_strategy"] == "default":
+                cls = cls[:, 1:]  # align with the patch tokens the projector receives
+        return out, cls, args
+
+    def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
+        extra = {"image_sizes": kwargs["image_sizes"]} if kwargs.get("image_sizes") is not None else {}
+        out, cls, _ = self._run_tower(kwargs, needs, extra)
+        feats = list(out.pooler_output)
+        if cls is not None and (cls.shape[0] != len(feats) or any(f.shape[0] != cls.shape[1] for f in feats)):
+            raise ValueError("fastervlm: [CLS] attention rows do not line up with the image features of this vision "
+                             "tower (variable-size images?); use divprune, random or uniform")
+        images = []
+        for i, f in enumerate(feats):
+            n = f.shape[0]
+            side = int(round(n ** 0.5))
+            im = ImageTokens(features=f, grid=(side, side) if side * side == n else None)
+            if cls is not None:
+                im.signals["cls_attention"] = cls[i]
+                im.signal_source = "cls_attention(ViT layer feeding the projector, head mean)"
+            images.append(im)
+        return images
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        image_sizes = kwargs.get("image_sizes")
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes (from the processor) alongside pixel_values")
+        out, cls, args = self._run_tower(kwargs, needs, {"image_sizes": image_sizes})
+        feats = list(out.pooler_output)
+        cfg = self.model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        per_sub = side * side + (1 if args["vision_feature_select_strategy"] == "full" else 0)
+        n_sub = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                           patch_size=cfg.vision_config.image_size) for s in image_sizes]
+        # run the model's own packing on source indices; the newline marker is -1
+        dev = feats[0].device
+        index_feats = [torch.arange(k * per_sub, device=dev, dtype=torch.float32).view(k, per_sub, 1) for k in n_sub]
+        layout, _ = self.base.pack_image_features(index_feats, image_sizes, args["vision_feature_select_strategy"],
+                                                  image_newline=torch.tensor([-1.0], device=dev))
+        images, start = [], 0
+        for i, (f, lay) in enumerate(zip(feats, layout)):
+            src = lay.flatten().round().long()
+            if src.numel() != f.shape[0]:
+                raise RuntimeError("vtprune: LLaVA-NeXT layout does not match the packed features")
+            newline = src < 0
+            n_rows = int(newline.sum())
+            if n_sub[i] > 1:
+                crop = f.shape[0] - per_sub - n_rows
+                grid = [(side, side), (n_rows, crop // max(n_rows, 1))]
+            else:
+                grid = (side, side)
+            im = ImageTokens(features=f, newline=newline, grid=grid)
+            if cls is not None:
+                flat = cls[start:start + n_sub[i]].flatten()
+                im.signals["cls_attention"] = torch.where(newline, 0.0, flat[src.clamp(min=0)])
+                im.signal_source = "cls_attention(per sub-image ViT [CLS] row, mapped through unpad)"
+            start += n_sub[i]
+            images.append(im)
+        return images

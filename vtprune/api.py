@@ -1,0 +1,196 @@
+"""The public calls: prune, unprune, is_pruned, disabled, last_report, select_tokens."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from .config import PruneConfig
+from .registry import get_adapter_class, get_selector
+from .report import PruneReport
+
+_STATE = "_vtprune_state"
+
+
+@dataclass
+class _State:
+    config: PruneConfig
+    adapter: Any
+    spec: Any
+    handles: list = field(default_factory=list)
+    saved_generate: Any = None
+    had_generate: bool = False
+    enabled: bool = True
+    report: PruneReport | None = None
+
+
+def _model_type(model: Any) -> str:
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if not isinstance(model, torch.nn.Module) or mt is None:
+        raise ValueError(f"prune() needs a transformers model with a .config.model_type, got {type(model).__name__}")
+    return mt
+
+
+def prune(model: torch.nn.Module, config: PruneConfig | dict | None = None, *, method: str | None = None,
+          keep: int | None = None, keep_ratio: float | None = None, positions: str = "preserve", seed: int = 0,
+          **options: Any) -> torch.nn.Module:
+    """Prune the visual tokens of ``model`` in place and return the same object.
+
+    Either a ``PruneConfig`` (or its dict form) or the shorthand ``method=..., keep=...`` (plus selector options).
+    Raises ``ValueError`` naming the bad value and the valid choices; on error the model is left untouched.
+    """
+    if config is not None and (method is not None or keep is not None or keep_ratio is not None or options):
+        raise ValueError("give either a PruneConfig or method=/keep=/... keywords, not both")
+    if config is None:
+        if method is None:
+            raise ValueError("prune() needs method=<name> (one of: " + ", ".join(_methods()) + ") or a PruneConfig")
+        config = PruneConfig.single(method, keep, keep_ratio, positions, seed, **options)
+    elif isinstance(config, dict):
+        config = PruneConfig.from_dict(config)
+    elif not isinstance(config, PruneConfig):
+        raise ValueError(f"config must be a PruneConfig or a dict, got {type(config).__name__}")
+    config.validate()
+    adapter_cls = get_adapter_class(_model_type(model))
+    if is_pruned(model):
+        raise ValueError("model is already pruned; call vtprune.unprune(model) first (or use vtprune.disabled(model) "
+                         "to run it unpruned)")
+    spec = get_selector(config.stages[0].method)
+    adapter = adapter_cls(model)
+    adapter.check_method(spec)
+
+    state = _State(config=config, adapter=adapter, spec=spec)
+    adapter.attach(set(spec.requires) | set(spec.optional))
+    try:
+        state.handles.append(model.register_forward_pre_hook(_forward_pre_hook, with_kwargs=True))
+        state.had_generate = "generate" in model.__dict__
+        state.saved_generate = model.__dict__.get("generate")
+        if hasattr(model, "generate"):
+            model.generate = _wrap_generate(model, model.generate)
+        setattr(model, _STATE, state)
+    except Exception:
+        _teardown(model, state)
+        raise
+    return model
+
+
+def _methods() -> list[str]:
+    from .registry import list_methods
+
+    return list_methods()
+
+
+def _state(model: torch.nn.Module) -> _State | None:
+    return model.__dict__.get(_STATE)
+
+
+def is_pruned(model: torch.nn.Module) -> bool:
+    """True while ``model`` carries vtprune's hooks."""
+    return _state(model) is not None
+
+
+def _teardown(model: torch.nn.Module, state: _State) -> None:
+    for h in state.handles:
+        h.remove()
+    if "generate" in model.__dict__:
+        del model.__dict__["generate"]
+    if state.had_generate:
+        model.__dict__["generate"] = state.saved_generate
+    state.adapter.detach()
+    model.__dict__.pop(_STATE, None)
+
+
+def unprune(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove every hook and attribute vtprune added; the model behaves bit-identically to before ``prune``."""
+    state = _state(model)
+    if state is None:
+        raise ValueError("model is not pruned by vtprune (nothing to undo)")
+    _teardown(model, state)
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run ``model`` unpruned inside the block (A/B in one process), pruned again afterwards."""
+    state = _state(model)
+    if state is None:
+        raise ValueError("model is not pruned by vtprune; disabled() needs a pruned model")
+    prev, state.enabled = state.enabled, False
+    try:
+        yield model
+    finally:
+        state.enabled = prev
+
+
+def last_report(model: torch.nn.Module) -> PruneReport | None:
+    """Report of the last pruned call (None before the first call with images)."""
+    state = _state(model)
+    if state is None:
+        raise ValueError("model is not pruned by vtprune; call vtprune.prune(model, ...) first")
+    return state.report
+
+
+def select_tokens(method: str, features: torch.Tensor, keep: int, **signals: Any) -> torch.Tensor:
+    """Run one selector standalone: ``features[B, N, D]`` -> kept indices ``LongTensor[B, keep]``, ascending."""
+    spec = get_selector(method)
+    return spec.fn(features, keep, **signals)
+
+
+# ---- hooks -------------------------------------------------------------------------------------------------------
+def _bind(fn: Any, args: tuple, kwargs: dict[str, Any], skip: int) -> dict[str, Any]:
+    """Positional arguments -> keywords, by the wrapped function's own signature."""
+    if not args:
+        return dict(kwargs)
+    names = [p.name for p in list(inspect.signature(fn).parameters.values())[skip:]
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(names):
+        raise TypeError(f"too many positional arguments for {getattr(fn, '__name__', fn)}")
+    out = dict(zip(names, args))
+    dup = set(out) & set(kwargs)
+    if dup:
+        raise TypeError(f"got multiple values for argument(s) {sorted(dup)}")
+    out.update(kwargs)
+    return out
+
+
+def _forward_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+    state = _state(module)
+    if state is None or not state.enabled:
+        return None
+    kw = _bind(type(module).forward, args, kwargs, skip=1)
+    res = state.adapter.prune_call(kw, state.config, state.spec, generate=False)
+    if res is None:
+        return None
+    new_kwargs, state.report = res
+    return (), new_kwargs
+
+
+def _wrap_generate(model: torch.nn.Module, generate: Any) -> Any:
+    @functools.wraps(generate)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        state = _state(model)
+        if state is None or not state.enabled:
+            return generate(*args, **kwargs)
+        kw = _bind(generate, args, kwargs, skip=0)
+        if "inputs" in kw and "input_ids" not in kw:
+            kw["input_ids"] = kw.pop("inputs")
+        res = state.adapter.prune_call(kw, state.config, state.spec, generate=True)
+        if res is None:
+            return generate(**kw)
+        new_kwargs, state.report = res
+        out = generate(**new_kwargs)
+        # hand back the caller's own prompt followed by the new tokens, so out[:, L_in:] keeps working
+        prompt, pruned_len = kw["input_ids"], new_kwargs["input_ids"].shape[1]
+        seq = out.sequences if hasattr(out, "sequences") else out
+        full = torch.cat([prompt.to(seq.device), seq[:, pruned_len:]], dim=1)
+        if hasattr(out, "sequences"):
+            out.sequences = full
+            return out
+        return full
+
+    return wrapper

@@ -1,0 +1,151 @@
+"""PruneConfig: what to prune, where and how much. Validated eagerly so a bad config never touches a model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+POSITIONS = ("preserve", "compact")
+STAGES = ("pre_llm",)  # llm:K stages arrive with in-LLM pruning
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class StageSpec:
+    """One pruning stage.
+
+    ``keep``: visual tokens per image that leave the stage (an int ≥ 1; images with fewer tokens keep all).
+    ``keep_ratio``: alternative, fraction in (0, 1] of each image's tokens (rounded, at least 1).
+    ``layer``: ``None`` for the ``pre_llm`` stage (after the projector, before LLM layer 0).
+    ``options``: selector options (validated against the selector's declared options).
+    """
+
+    method: str
+    keep: int | None = None
+    keep_ratio: float | None = None
+    layer: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return "pre_llm" if self.layer is None else f"llm:{self.layer}"
+
+    def validate(self) -> None:
+        from .registry import get_selector
+
+        spec = get_selector(self.method)  # raises on unknown method, naming the choices
+        if self.keep is None and self.keep_ratio is None:
+            raise ValueError(f"stage {self.method!r}: give keep=<int> (tokens per image) or keep_ratio=<float in (0, 1]>")
+        if self.keep is not None and self.keep_ratio is not None:
+            raise ValueError(
+                f"stage {self.method!r}: give keep or keep_ratio, not both (got keep={self.keep!r}, "
+                f"keep_ratio={self.keep_ratio!r})"
+            )
+        if self.keep is not None and (not _is_int(self.keep) or self.keep < 1):
+            raise ValueError(f"keep must be an int ≥ 1 (visual tokens per image), got {self.keep!r}")
+        if self.keep_ratio is not None:
+            ok = isinstance(self.keep_ratio, (int, float)) and not isinstance(self.keep_ratio, bool)
+            if not ok or not 0.0 < float(self.keep_ratio) <= 1.0:
+                raise ValueError(f"keep_ratio must be a float in (0, 1], got {self.keep_ratio!r}")
+        if self.layer is not None:
+            raise ValueError(
+                f"stage llm:{self.layer!r} (pruning inside the language model) is not available yet; valid stages: "
+                f"{', '.join(STAGES)} (omit `layer`)"
+            )
+        if self.where not in spec.stages:
+            raise ValueError(f"method {self.method!r} cannot run at stage {self.where!r}; it supports {spec.stages}")
+        unknown = sorted(set(self.options) - set(spec.options))
+        if unknown:
+            valid = ", ".join(sorted(spec.options)) or "none"
+            raise ValueError(
+                f"unknown option(s) {unknown} for method {self.method!r}; valid options: {valid}; "
+                "common arguments: keep, keep_ratio, positions, seed"
+            )
+
+    def budget(self, n: int) -> int:
+        """Tokens this stage keeps out of ``n``."""
+        k = self.keep if self.keep is not None else max(1, round(float(self.keep_ratio) * n))
+        return min(int(k), n)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"method": self.method}
+        for k in ("keep", "keep_ratio", "layer"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        d.update(self.options)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageSpec:
+        if not isinstance(d, dict) or "method" not in d:
+            raise ValueError(f"a stage must be a dict with at least a 'method' key, got {d!r}")
+        d = dict(d)
+        base = {k: d.pop(k) for k in ("method", "keep", "keep_ratio", "layer") if k in d}
+        opts = d.pop("options", {})
+        return cls(**base, options={**opts, **d})
+
+
+@dataclass
+class PruneConfig:
+    """Everything ``vtprune.prune`` needs; JSON round-trips through ``to_dict``/``from_dict``.
+
+    ``positions``: ``"preserve"`` (default: kept tokens keep the position ids of the unpruned prompt, decoding
+    continues after the unpruned length) or ``"compact"`` (re-indexed 0..L'-1; an ablation).
+    ``seed``: for stochastic selectors; per image the seed is combined with the image's index in its sample.
+    """
+
+    stages: list[StageSpec]
+    positions: str = "preserve"
+    seed: int = 0
+
+    def validate(self) -> PruneConfig:
+        if not isinstance(self.stages, list) or not self.stages:
+            raise ValueError(f"stages must be a non-empty list of stage specs, got {self.stages!r}")
+        for s in self.stages:
+            if not isinstance(s, StageSpec):
+                raise ValueError(f"each stage must be a StageSpec (or a dict via PruneConfig.from_dict), got {s!r}")
+            s.validate()
+        if sum(s.layer is None for s in self.stages) > 1:
+            raise ValueError("at most one pre_llm stage (a stage without `layer`) is allowed")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        return self
+
+    @classmethod
+    def single(cls, method: str, keep: int | None = None, keep_ratio: float | None = None,
+               positions: str = "preserve", seed: int = 0, **options: Any) -> PruneConfig:
+        return cls([StageSpec(method, keep, keep_ratio, options=options)], positions, seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stages": [s.to_dict() for s in self.stages], "positions": self.positions, "seed": self.seed}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruneConfig:
+        """Accepts ``{"stages": [...], "positions": ..., "seed": ...}`` or the one-stage shorthand
+        ``{"method": "divprune", "keep": 64, ...}``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"PruneConfig.from_dict needs a dict, got {type(d).__name__}")
+        d = dict(d)
+        positions = d.pop("positions", "preserve")
+        seed = d.pop("seed", 0)
+        if "stages" in d:
+            stages = d.pop("stages")
+            if d:
+                raise ValueError(f"unknown config key(s) {sorted(d)}; valid keys: stages, positions, seed")
+            if not isinstance(stages, list):
+                raise ValueError(f"stages must be a list, got {stages!r}")
+            return cls([StageSpec.from_dict(s) for s in stages], positions, seed)
+        return cls([StageSpec.from_dict(d)], positions, seed)
+
+    @classmethod
+    def from_json(cls, s: str) -> PruneConfig:
+        return cls.from_dict(json.loads(s))

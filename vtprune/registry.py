@@ -1,0 +1,57 @@
+"""Selectors by name and adapters by Hugging Face ``model_type``; modules are imported on first use."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .selectors.base import SelectorSpec
+
+# name -> "module:attribute" of a SelectorSpec
+_SELECTORS: dict[str, str] = {
+    "fastervlm": "vtprune.selectors.fastervlm:SPEC",
+    "divprune": "vtprune.selectors.divprune:SPEC",
+    "random": "vtprune.selectors.random:SPEC",
+    "uniform": "vtprune.selectors.uniform:SPEC",
+}
+
+# HF model_type -> "module:attribute" of an adapter class
+_ADAPTERS: dict[str, str] = {
+    "llava": "vtprune.adapters.llava:LlavaAdapter",
+    "llava_next": "vtprune.adapters.llava:LlavaNextAdapter",
+}
+
+
+def _load(path: str) -> Any:
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def list_methods() -> list[str]:
+    """Names accepted by ``prune(method=...)`` and ``select_tokens``."""
+    return sorted(_SELECTORS)
+
+
+def supported_models() -> list[str]:
+    """Hugging Face ``model_type`` values that have an adapter."""
+    return sorted(_ADAPTERS)
+
+
+def get_selector(name: str) -> SelectorSpec:
+    if not isinstance(name, str) or name not in _SELECTORS:
+        raise ValueError(f"unknown method {name!r}; valid choices: {', '.join(list_methods())}")
+    return _load(_SELECTORS[name])
+
+
+def get_adapter_class(model_type: str) -> type:
+    if model_type not in _ADAPTERS:
+        raise ValueError(
+            f"unsupported model family {model_type!r}; supported model_type values: {', '.join(supported_models())}"
+        )
+    return _load(_ADAPTERS[model_type])
+
+
+def register_selector(name: str, path: str) -> None:
+    """Add a selector (``"package.module:SPEC"``) so third-party methods plug in without editing vtprune."""
+    _SELECTORS[name] = path

@@ -1,0 +1,87 @@
+"""Selector contract shared by every method.
+
+A selector is a pure function over tensors:
+
+    fn(features: Tensor[B, N, D], keep: int, *, valid_mask: BoolTensor[B, N] | None, **signals)
+        -> LongTensor[B, keep]   (ascending, unique, in range, exactly ``keep`` per row)
+
+It knows nothing about model families. It declares the signals it ``requires`` so an adapter computes only
+those, and the options a user may pass through ``vtprune.prune(..., **options)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+# Signals an adapter may provide. Shapes are per call of a selector (B rows = B images).
+SIGNALS: dict[str, str] = {
+    "cls_attention": "FloatTensor[B, N]: head-mean [CLS]->token attention probabilities",
+    "text_features": "FloatTensor[B, T, D]: prompt text embeddings",
+    "text_attention": "FloatTensor[B, N]: attention of prompt token(s) over the visual tokens",
+    "grid": "tuple (h, w) or list of (h, w) segments covering the N tokens in raster order",
+    "crop_ids": "LongTensor[B, N]: sub-image id of every token",
+    "seed": "int or LongTensor[B]: per-row seed for stochastic selectors",
+}
+
+
+@dataclass(frozen=True)
+class SelectorSpec:
+    """What a selector is and what it needs.
+
+    ``newlines``: how an adapter treats layout-only tokens such as LLaVA-NeXT's ``image_newline``:
+    ``"keep"`` = always kept and not counted in the budget (FasterVLM reference behaviour),
+    ``"pool"`` = offered to the selector like any other token and counted (DivPrune reference behaviour).
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    requires: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)  # user options with defaults
+    stages: tuple[str, ...] = ("pre_llm",)
+    text_guided: bool = False
+    newlines: str = "keep"
+    description: str = ""
+
+
+def check_inputs(name: str, features: torch.Tensor, keep: int, valid_mask: torch.Tensor | None) -> None:
+    """Validate the common selector inputs; raise ValueError naming the bad value."""
+    if not isinstance(features, torch.Tensor) or features.dim() != 3:
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f"{name}: features must be a tensor of shape [B, N, D] (rank 3), got {shape}")
+    if isinstance(keep, bool) or not isinstance(keep, int):
+        raise ValueError(f"{name}: keep must be an int, got {keep!r} ({type(keep).__name__})")
+    b, n, _ = features.shape
+    if keep < 1 or keep > n:
+        raise ValueError(f"{name}: keep must be in [1, N={n}], got {keep}")
+    if valid_mask is not None:
+        if valid_mask.shape != (b, n) or valid_mask.dtype != torch.bool:
+            raise ValueError(f"{name}: valid_mask must be a bool tensor of shape {(b, n)}, got "
+                             f"{tuple(valid_mask.shape)} {valid_mask.dtype}")
+        short = valid_mask.sum(1) < keep
+        if bool(short.any()):
+            raise ValueError(f"{name}: keep={keep} exceeds the valid token count of rows "
+                             f"{short.nonzero().flatten().tolist()}")
+
+
+def check_signal(name: str, signal: str, value: Any, shape: tuple[int, ...] | None = None) -> None:
+    """Raise a clear error when a required signal is missing or malformed."""
+    if value is None:
+        raise ValueError(f"{name} requires the signal {signal!r} ({SIGNALS.get(signal, '')}); it was not given")
+    if shape is not None and tuple(value.shape) != shape:
+        raise ValueError(f"{name}: signal {signal!r} must have shape {shape}, got {tuple(value.shape)}")
+
+
+def topk_sorted(score: torch.Tensor, keep: int, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-``keep`` indices per row of ``score[B, N]``, ties to the lower index, returned ascending.
+
+    Scored in fp32; invalid entries (``valid_mask`` False) are never chosen.
+    """
+    s = score.float()
+    if valid_mask is not None:
+        s = s.masked_fill(~valid_mask, float("-inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :keep]
+    return order.sort(dim=-1).values
