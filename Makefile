@@ -1,0 +1,37 @@
+# `make demo` and `make test` build a project-local .venv on first use (torch pinned by constraints.txt,
+# torchvision removed: it breaks transformers' image processors on CPU-only machines).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vtprune-installed
+PIP := $(BIN)/pip install -q -c constraints.txt
+
+.PHONY: demo test lint bench env clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
+	-$(BIN)/pip uninstall -y -q torchvision 2>/dev/null
+	$(BIN)/python -c "import importlib.util, torch; assert importlib.util.find_spec('torchvision') is None; print('env ok: torch', torch.__version__)"
+	touch $(STAMP)
+
+env: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m vtprune.cli demo --out demo_out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check vtprune tests evals examples
+
+bench: $(STAMP)
+	$(BIN)/python evals/bench_overhead.py
+	$(BIN)/python evals/bench_divprune.py
+	$(BIN)/python evals/bench_kernels.py --quick
+
+clean:
+	rm -rf $(VENV) demo_out
