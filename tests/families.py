@@ -15,7 +15,7 @@ SIZES = {"llava": [(60, 60), (60, 60), (60, 60)],
          "llava_next": [(100, 80), (60, 60), (60, 130)]}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build(family: str):
     return tiny_llava(family)
 

@@ -39,7 +39,8 @@ class StageSpec:
 
         spec = get_selector(self.method)  # raises on unknown method, naming the choices
         if self.keep is None and self.keep_ratio is None:
-            raise ValueError(f"stage {self.method!r}: give keep=<int> (tokens per image) or keep_ratio=<float in (0, 1]>")
+            raise ValueError(f"stage {self.method!r}: give keep=<int> (tokens per image) or "
+                             "keep_ratio=<float in (0, 1]>")
         if self.keep is not None and self.keep_ratio is not None:
             raise ValueError(
                 f"stage {self.method!r}: give keep or keep_ratio, not both (got keep={self.keep!r}, "

@@ -55,6 +55,8 @@ class ImageReport:
     stage: str
     n_newline: int = 0
     signal: str = ""
+    grid: object = None  # (h, w) or [(h, w), ...] of the non-newline tokens, for pictures
+    newline: torch.Tensor | None = None  # BoolTensor[n_before] of layout tokens, or None
     _timer: Timer | None = None
     _share: int = 1
 
@@ -104,7 +106,8 @@ class PruneReport:
         return self.flops_after / self.flops_before if self.flops_before else 1.0
 
     def __str__(self) -> str:
-        head = f"{'sample':>6} {'image':>5} {'method':>10} {'stage':>8} {'before':>7} {'after':>6} {'newline':>7} {'ms':>8}"
+        head = (f"{'sample':>6} {'image':>5} {'method':>10} {'stage':>8} {'before':>7} {'after':>6} {'newline':>7} "
+                f"{'ms':>8}")
         rows = [f"vtprune report ({self.stage}, positions={self.positions})", head, "-" * len(head)]
         for i in self.images:
             rows.append(f"{i.sample:>6} {i.image:>5} {i.method:>10} {i.stage:>8} {i.n_before:>7} {i.n_after:>6} "

@@ -15,7 +15,7 @@ _CORPUS = ["USER: describe the picture. ASSISTANT: a red square on a blue backgr
            "the quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_dir() -> str:
     import tempfile
 
@@ -54,8 +54,15 @@ def tiny_llava(kind: str = "llava", image_size: int = 56, patch_size: int = 14, 
                vision_layers: int = 2, text_hidden: int = 128, text_layers: int = 2, seed: int = 0,
                attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, object]:
     """(model, processor) for ``kind`` in {"llava", "llava_next"}; float32, eval mode, deterministic weights."""
-    from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
-                              LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tok = tiny_tokenizer()

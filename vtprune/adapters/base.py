@@ -51,7 +51,8 @@ class Adapter:
         if missing:
             raise ValueError(
                 f"method {spec.name!r} needs the signal(s) {missing}, which {type(self.model).__name__} "
-                f"({self.model.config.model_type}) cannot provide; methods that need no extra signal: divprune, random, "
+                f"({self.model.config.model_type}) cannot provide; methods that need no extra signal: "
+                "divprune, random, "
                 "uniform"
             )
 
@@ -118,7 +119,8 @@ class Adapter:
                     "placeholder run from the processor — check that the prompt's image count matches the images"
                 )
         if i != len(images):
-            raise ValueError(f"{len(images)} images were given but the prompts' placeholder runs hold only {i} of them; "
+            raise ValueError(f"{len(images)} images were given but the prompts' placeholder runs hold only "
+                             f"{i} of them; "
                              "each image needs its own placeholder run in input_ids")
         return out
 
@@ -168,7 +170,7 @@ class Adapter:
             nl = im.newline
             report.images.append(ImageReport(
                 sample=owner[i][0], image=owner[i][1], kept=kept[i], n_before=im.features.shape[0],
-                method=spec.name, stage=stage.where, signal=im.signal_source,
+                method=spec.name, stage=stage.where, signal=im.signal_source, grid=im.grid, newline=nl,
                 n_newline=int(nl[kept[i]].sum()) if nl is not None else 0, _timer=t, _share=share))
         return kept, report
 
