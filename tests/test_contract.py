@@ -109,12 +109,14 @@ def test_generate_returns_original_prompt_and_cache_parity(family, method):
     inputs = batch(family, [0, 1])
     vtprune.prune(model, method=method, keep=KEEP)
     with torch.no_grad():
-        out = _gen(model, inputs)
-        no_cache = _gen(model, inputs, use_cache=False)
+        out = _gen(model, inputs, output_logits=True, return_dict_in_generate=True)
+        no_cache = _gen(model, inputs, use_cache=False, output_logits=True, return_dict_in_generate=True)
     n_in = inputs["input_ids"].shape[1]
-    assert torch.equal(out[:, :n_in], inputs["input_ids"])
-    assert out.shape[1] == n_in + 8
-    assert torch.equal(out, no_cache)
+    assert torch.equal(out.sequences[:, :n_in], inputs["input_ids"])
+    assert out.sequences.shape[1] == n_in + 8
+    assert torch.equal(out.sequences, no_cache.sequences)
+    # logits too: on tiny random models greedy tokens alone can hide a wrong position or mask
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(no_cache.logits), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family,method", CASES)
@@ -123,15 +125,18 @@ def test_batch_equals_one_at_a_time(family, method):
     vtprune.prune(model, method=method, keep=KEEP)
     full = batch(family, [0, 1, 2])
     n_in = full["input_ids"].shape[1]
+    kw = dict(output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        ids = _gen(model, full)
+        res = _gen(model, full, **kw)
         rep_b = vtprune.last_report(model)
         for b in range(3):
             one = batch(family, [b])
-            ids_1 = _gen(model, one)
+            res_1 = _gen(model, one, **kw)
             rep_1 = vtprune.last_report(model)
             assert torch.equal(rep_1.images[0].kept, rep_b.images[b].kept)
-            assert torch.equal(ids[b, n_in:], ids_1[0, one["input_ids"].shape[1]:])
+            assert torch.equal(res.sequences[b, n_in:], res_1.sequences[0, one["input_ids"].shape[1]:])
+            torch.testing.assert_close(torch.stack(res.logits)[:, b], torch.stack(res_1.logits)[:, 0], rtol=0,
+                                       atol=1e-5)
 
 
 @pytest.mark.parametrize("family,method", [(f, "fastervlm") for f in FAMILIES] + [(f, "divprune") for f in FAMILIES])
@@ -254,3 +259,25 @@ def test_two_images_in_one_prompt_get_their_own_budget():
     rep = vtprune.last_report(model)
     assert [(i.sample, i.image, i.n_after) for i in rep.images] == [(0, 0, 4), (0, 1, 4)]
     assert out.shape[1] == inputs["input_ids"].shape[1] - 2 * (16 - 4)
+
+
+@pytest.mark.parametrize("positions", ["preserve", "compact"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_callers_own_decode_loop_matches_generate(family, positions):
+    """A hand-written greedy loop (forward + KV cache, masks on the original lengths) equals generate per logit."""
+    model, _ = model_and_processor(family)
+    inputs = batch(family, [0])
+    vtprune.prune(model, method="divprune", keep=KEEP, positions=positions)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        out = model(**inputs, use_cache=True)
+        cache, mask = out.past_key_values, inputs["attention_mask"]
+        logits = [out.logits[:, -1]]
+        for _ in range(5):
+            tok = logits[-1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+            out = model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(logits), torch.stack(ref.logits), rtol=0, atol=1e-5)

@@ -28,6 +28,7 @@ class _State:
     had_generate: bool = False
     enabled: bool = True
     report: PruneReport | None = None
+    decode: dict | None = None  # bookkeeping of the last pruned forward prefill, for manual decode loops
 
 
 def _model_type(model: Any) -> str:
@@ -164,10 +165,18 @@ def _forward_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, An
     if state is None or not state.enabled:
         return None
     kw = _bind(type(module).forward, args, kwargs, skip=1)
+    cache = kw.get("past_key_values")
+    cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    if cached > 0:
+        # a decode step of the caller's own loop after a pruned prefill (generate keeps its own positions)
+        new = state.adapter.decode_call(kw, state.decode, cached) if state.decode is not None else None
+        return None if new is None else ((), new)
+    state.decode = None
     res = state.adapter.prune_call(kw, state.config, state.spec, generate=False)
     if res is None:
         return None
     new_kwargs, state.report = res
+    state.decode = state.adapter.decode_info(kw, new_kwargs, state.config)
     return (), new_kwargs
 
 
@@ -177,6 +186,7 @@ def _wrap_generate(model: torch.nn.Module, generate: Any) -> Any:
         state = _state(model)
         if state is None or not state.enabled:
             return generate(*args, **kwargs)
+        state.decode = None
         kw = _bind(generate, args, kwargs, skip=0)
         if "inputs" in kw and "input_ids" not in kw:
             kw["input_ids"] = kw.pop("inputs")

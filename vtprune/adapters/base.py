@@ -237,6 +237,31 @@ class Adapter:
         # forward's rule without a cache: arange over the sequence
         return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
 
+    def decode_info(self, kwargs: dict[str, Any], new: dict[str, Any], config: PruneConfig) -> dict[str, Any] | None:
+        """What a caller's own decode loop needs after a pruned forward prefill (None if nothing was dropped)."""
+        orig_len, new_len = kwargs["input_ids"].shape[1], new["input_ids"].shape[1]
+        if orig_len == new_len:
+            return None
+        next_pos = self.original_positions(kwargs, generate=False)[..., -1] + 1
+        return {"orig_len": orig_len, "new_len": new_len, "mask": new["attention_mask"],
+                "next_pos": next_pos if config.positions == "preserve" else None}
+
+    def decode_call(self, kwargs: dict[str, Any], info: dict[str, Any], cached: int) -> dict[str, Any] | None:
+        """Let a decode loop written against the unpruned prompt run unchanged: a 2-D attention mask laid out on the
+        original sequence is re-laid on the pruned cache, and missing positions continue after the unpruned length
+        (the model's default would continue after the shorter pruned cache)."""
+        ids = kwargs.get("input_ids")
+        if ids is None or ids.shape[0] != info["mask"].shape[0]:
+            return None
+        q, step = ids.shape[1], cached - info["new_len"]
+        new = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] == info["orig_len"] + step + q:
+            new["attention_mask"] = torch.cat([info["mask"].to(mask), mask[:, info["orig_len"]:]], dim=1)
+        if kwargs.get("position_ids") is None and info["next_pos"] is not None:
+            new["position_ids"] = info["next_pos"][:, None] + step + torch.arange(q, device=ids.device)
+        return new
+
     def _flops(self, report: PruneReport) -> None:
         d, m, n_layers = self.text_dims()
         report.flops_before = prefill_flops(report.tokens_before, d, m, n_layers)
