@@ -31,7 +31,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python evals/bench_overhead.py
 	$(BIN)/python evals/bench_divprune.py
-	$(BIN)/python evals/bench_kernels.py --quick
+	$(BIN)/python evals/bench_kernels.py
 
 clean:
 	rm -rf $(VENV) demo_out
