@@ -72,7 +72,7 @@ def run(repeats: int) -> dict:
                 rep = vtprune.last_report(model)
                 ids, mask, pos, kept = oracle_inputs(model, inputs, rep)
 
-                def oracle():
+                def oracle(model=model, inputs=inputs, ids=ids, mask=mask, pos=pos, kept=kept):
                     f = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
                     feats = [x[k] for x, k in zip(f.pooler_output, kept)]
                     enc = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
@@ -84,12 +84,16 @@ def run(repeats: int) -> dict:
                 assert torch.allclose(out, ref, atol=1e-5), "oracle and pruned pipeline disagree"
                 # interleave the two timings so drift on a shared machine hits both alike
                 t_pruned, t_oracle = [], []
+
+                def pruned(model=model, inputs=inputs):
+                    return model(**inputs)
+
                 for _ in range(repeats):
-                    t_pruned.append(_time(lambda: model(**inputs), 1))
+                    t_pruned.append(_time(pruned, 1))
                     with vtprune.disabled(model):
                         t_oracle.append(_time(oracle, 1))
                 with vtprune.disabled(model):
-                    t_full = _time(lambda: model(**inputs), max(1, repeats // 2))
+                    t_full = _time(pruned, max(1, repeats // 2))
             p, o = statistics.median(t_pruned), statistics.median(t_oracle)
             rows.append(dict(shape=name, visual_tokens=n_vis, keep=keep, method=method, pruned_ms=p, oracle_ms=o,
                              ratio=p / o, unpruned_ms=t_full, speedup_vs_unpruned=t_full / p,

@@ -11,8 +11,9 @@ those, and the options a user may pass through ``vtprune.prune(..., **options)``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
