@@ -32,7 +32,8 @@ def test_cls_probe_equals_eager_and_keeps_sdpa():
     rep = vtprune.last_report(model)
     for b, im in enumerate(rep.images):
         assert torch.equal(im.kept, ref[b].topk(5).indices.sort().values)
-    imgs = model._vtprune_state.adapter.encode(dict(inputs), {"cls_attention"})
+    with torch.no_grad():
+        imgs = model._vtprune_state.adapter.encode(dict(inputs), {"cls_attention"})
     for b, im in enumerate(imgs):
         torch.testing.assert_close(im.signals["cls_attention"], ref[b], rtol=0, atol=1e-6)
 

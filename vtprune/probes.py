@@ -1,24 +1,23 @@
-"""Attention-row probes that keep the real attention on SDPA / flash.
+"""Attention probes that keep the real attention on SDPA / flash.
 
 A probe is a transformers ``AttentionInterface`` function registered as ``"vtprune_probe+<base>"``. It calls the
-base implementation unchanged and, only for attention modules that are armed, also computes the few attention
-probability rows a selector needs (e.g. the [CLS] row) from the query/key tensors the model already built —
-O(H·R·L·d) instead of materialising every attention map with eager.
+base implementation unchanged and, only for attention modules that are armed, also reduces the query/key tensors
+the model already built to the signal a selector needs — e.g. the [CLS] row (O(H·L·d)) or the attention each token
+receives (streamed over query blocks, O(H·L) memory) — instead of materialising every map with eager attention.
 """
 
 from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Callable
+from typing import Any, Callable
 
 import torch
 
 PREFIX = "vtprune_probe+"
 
-# module -> query rows to capture; results land in _RESULTS[module] as FloatTensor[B, H, R, L]
+# module -> reducer(query, key, attention_mask, scaling, kwargs) -> Tensor; results appended per call
 _ARMED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_RESULTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _base_function(base: str, module: torch.nn.Module) -> Callable:
@@ -33,28 +32,58 @@ def _base_function(base: str, module: torch.nn.Module) -> Callable:
     return fn
 
 
-def attention_rows(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor | slice, scaling: float,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention probabilities of selected query rows, in fp32, exactly as eager computes them.
-
-    query [B, H, Lq, d], key [B, Hkv, Lk, d] (grouped-query heads are repeated) -> [B, H, R, Lk].
-    """
-    q = query[:, :, rows].float()
-    k = key.float()
+def _probs(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q·kᵀ·scaling + mask) in fp32, as eager computes it. q [B,H,R,d], k [B,Hkv,L,d] -> [B,H,R,L]."""
+    q, k = q.float(), k.float()
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     w = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    if attention_mask is not None and attention_mask.dim() == 4:
-        w = w + attention_mask[:, :, rows, : k.shape[-2]].float()
+    if mask is not None:
+        w = w + mask.float()
     return torch.softmax(w, dim=-1)
+
+
+def _segments(query: torch.Tensor, kwargs: dict[str, Any]) -> list[tuple[int, int]]:
+    """Independent sequences packed along L (flash varlen passes ``cu_seq_lens_q``); one segment otherwise."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return [(0, query.shape[2])]
+    cu = cu.tolist()
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def cls_row(query, key, attention_mask, scaling, kwargs) -> torch.Tensor:
+    """Head-mean attention of query 0 ([CLS]) over all keys: [B, L]."""
+    mask = attention_mask[:, :, :1, : key.shape[-2]] if attention_mask is not None and attention_mask.dim() == 4 \
+        else None
+    return _probs(query[:, :, :1], key, scaling, mask)[:, :, 0].mean(1)
+
+
+def received_attention(query, key, attention_mask, scaling, kwargs, block: int = 1024) -> torch.Tensor:
+    """Head-mean attention each token receives, averaged over all queries of its own sequence: [B, L].
+
+    Streams over query blocks so memory stays O(H·block·L); packed varlen segments are scored separately.
+    """
+    out = torch.zeros(query.shape[0], query.shape[2], dtype=torch.float32, device=query.device)
+    for s, e in _segments(query, kwargs):
+        k = key[:, :, s:e]
+        acc = torch.zeros(query.shape[0], query.shape[1], e - s, dtype=torch.float32, device=query.device)
+        for r in range(s, e, block):
+            m = None
+            if attention_mask is not None and attention_mask.dim() == 4:
+                m = attention_mask[:, :, r:min(r + block, e), s:e]
+            acc += _probs(query[:, :, r:min(r + block, e)], k, scaling, m).sum(2)
+        out[:, s:e] = acc.mean(1) / (e - s)
+    return out
 
 
 def _make_probe(base: str) -> Callable:
     def probe(module, query, key, value, attention_mask, *args, **kwargs):
-        rows = _ARMED.get(module)
-        if rows is not None:
-            _RESULTS[module] = attention_rows(query, key, rows, kwargs.get("scaling", query.shape[-1] ** -0.5),
-                                              attention_mask)
+        armed = _ARMED.get(module)
+        if armed is not None:
+            reducer, results = armed
+            results.append(reducer(query, key, attention_mask, kwargs.get("scaling", query.shape[-1] ** -0.5),
+                                   kwargs))
         return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
 
     return probe
@@ -72,17 +101,19 @@ def probe_name(base: str) -> str:
 
 
 class Capture:
-    """Arm ``module`` for one forward: ``with Capture(attn, rows=slice(0, 1)) as c: ...; c.result``."""
+    """Arm ``module`` for the calls inside the block: ``with Capture(attn, cls_row) as c: ...; c.results``.
 
-    def __init__(self, module: torch.nn.Module, rows: torch.Tensor | slice):
-        self.module, self.rows = module, rows
-        self.result: torch.Tensor | None = None
+    ``results`` holds one reduced tensor per call of the module's attention function (some towers call it once per
+    image); it is empty if the probe never fired (the attention implementation was changed behind vtprune's back).
+    """
+
+    def __init__(self, module: torch.nn.Module, reducer: Callable):
+        self.module, self.reducer = module, reducer
+        self.results: list[torch.Tensor] = []
 
     def __enter__(self) -> Capture:
-        _RESULTS.pop(self.module, None)
-        _ARMED[self.module] = self.rows
+        _ARMED[self.module] = (self.reducer, self.results)
         return self
 
     def __exit__(self, *exc: object) -> None:
         _ARMED.pop(self.module, None)
-        self.result = _RESULTS.pop(self.module, None)

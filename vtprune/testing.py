@@ -15,8 +15,13 @@ _CORPUS = ["USER: describe the picture. ASSISTANT: a red square on a blue backgr
            "the quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9"]
 
 
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>")
+INTERNVL_SPECIALS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+
+
 @functools.cache
-def _tokenizer_dir() -> str:
+def _tokenizer_dir(family: str = "llava") -> str:
     import tempfile
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -25,21 +30,27 @@ def _tokenizer_dir() -> str:
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
+    extra = {"llava": (IMAGE_TOKEN,), "qwen2_vl": QWEN_SPECIALS, "internvl": INTERNVL_SPECIALS}[family]
     tk.train_from_iterator(_CORPUS * 4, trainer=trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", IMAGE_TOKEN],
+        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", *extra],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    named = {"llava": {"image_token": IMAGE_TOKEN},
+             "qwen2_vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                          "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+             "internvl": {"start_image_token": "<img>", "end_image_token": "</img>",
+                          "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}}[family]
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                  extra_special_tokens={"image_token": IMAGE_TOKEN})
+                                  extra_special_tokens=named)
     tok.padding_side = "left"
     d = tempfile.mkdtemp(prefix="vtprune_tok_")
     tok.save_pretrained(d)
     return d
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(family: str = "llava"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(_tokenizer_dir())
+    tok = AutoTokenizer.from_pretrained(_tokenizer_dir(family))
     tok.padding_side = "left"
     return tok
 
@@ -112,3 +123,87 @@ def tiny_image(width: int, height: int, seed: int = 0):
     arr = np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))[:height, :width]
     arr = np.pad(arr, ((0, height - arr.shape[0]), (0, width - arr.shape[1]), (0, 0)), mode="edge")
     return Image.fromarray(arr, "RGB")
+
+
+def _qwen_processor_class():
+    from transformers import Qwen2VLProcessor
+
+    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+        """Qwen2-VL processor without the video processor (which needs torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+
+    return Qwen2VLImageOnlyProcessor
+
+
+def tiny_qwen2_vl(kind: str = "qwen2_vl", text_hidden: int = 128, text_layers: int = 2, vision_depth: int = 2,
+                  seed: int = 0, attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, object]:
+    """(model, processor) for ``kind`` in {"qwen2_vl", "qwen2_5_vl"}: 28 px per LLM token, 4–64 tokens per image."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = tiny_tokenizer("qwen2_vl")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(vocab_size=512, hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+                num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=4096, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2,
+                tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]})
+    common = dict(text_config=text, bos_token_id=1, eos_token_id=2, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    if kind == "qwen2_vl":
+        vision = dict(depth=vision_depth, embed_dim=64, hidden_size=text_hidden, num_heads=4, mlp_ratio=2,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        model = Qwen2VLForConditionalGeneration._from_config(Qwen2VLConfig(vision_config=vision, **common),
+                                                             attn_implementation=attn_implementation)
+    elif kind == "qwen2_5_vl":
+        vision = dict(depth=vision_depth, hidden_size=64, out_hidden_size=text_hidden, intermediate_size=128,
+                      num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[vision_depth - 1])
+        model = Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig(vision_config=vision, **common),
+                                                                attn_implementation=attn_implementation)
+    else:
+        raise ValueError(f"kind must be 'qwen2_vl' or 'qwen2_5_vl', got {kind!r}")
+    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64, patch_size=14, merge_size=2,
+                                  temporal_patch_size=2)
+    proc = _qwen_processor_class()(image_processor=ip, tokenizer=tok)
+    return model.eval(), proc
+
+
+def _internvl_processor_class():
+    from transformers import InternVLProcessor
+
+    class InternVLImageOnlyProcessor(InternVLProcessor):
+        """InternVL processor without the video processor (which needs torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 4, chat_template=None,
+                     **kw):
+            super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
+                             chat_template=chat_template)
+
+    return InternVLImageOnlyProcessor
+
+
+def tiny_internvl(text_hidden: int = 128, text_layers: int = 2, seed: int = 0, image_size: int = 56,
+                  attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, object]:
+    """(model, processor): InternViT with [CLS], 56-px tiles (16 patches -> 4 tokens after pixel shuffle)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tok = tiny_tokenizer("internvl")
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=[image_size, image_size], patch_size=[14, 14])
+    text = dict(model_type="qwen2", vocab_size=512, hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+                num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=4096, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    cfg = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5,
+                         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+    ip = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True,
+                                  max_patches=4)
+    seq = (image_size // 14) ** 2 // 4
+    proc = _internvl_processor_class()(image_processor=ip, tokenizer=tok, image_seq_length=seq)
+    return model.eval(), proc

@@ -15,6 +15,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..config import PruneConfig, StageSpec
 from ..kernels import gather_tokens
+from ..probes import Capture, probe_name
 from ..report import ImageReport, PruneReport, Timer, prefill_flops
 from ..selectors.base import SelectorSpec
 
@@ -41,9 +42,12 @@ class Adapter:
 
     #: signals this family can provide
     provides: tuple[str, ...] = ()
+    #: call arguments that only feed the vision encoder; the pruned call gets features instead
+    encoder_keys: tuple[str, ...] = ("pixel_values", "image_sizes")
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self._saved_impl: str | None = None
 
     # ---- family hooks -------------------------------------------------------------------------------------------
     def check_method(self, spec: SelectorSpec) -> None:
@@ -57,13 +61,41 @@ class Adapter:
             )
 
     def attach(self, needs: set[str]) -> None:
-        """Prepare the model once (e.g. install attention probes). Must be undone by ``detach``."""
+        """Install the vision-tower attention probe when a selector needs an attention signal (undone by detach).
+
+        Only the vision sub-config's implementation changes, to a wrapper that calls the same implementation.
+        """
+        if "cls_attention" in needs:
+            self._saved_impl = self.model.config.vision_config._attn_implementation
+            self.model.set_attn_implementation({"vision_config": probe_name(self._saved_impl or "sdpa")})
 
     def detach(self) -> None:
-        pass
+        if self._saved_impl is not None:
+            self.model.set_attn_implementation({"vision_config": self._saved_impl})
+            self._saved_impl = None
+
+    def capture(self, module: torch.nn.Module, reducer: Any) -> Capture:
+        if self._saved_impl is None:
+            raise RuntimeError("vtprune: the vision attention probe is not installed; call vtprune.unprune(model) and "
+                               "prune again")
+        return Capture(module, reducer)
+
+    @staticmethod
+    def captured(cap: Capture) -> list[torch.Tensor]:
+        if not cap.results:
+            raise RuntimeError("vtprune: the vision attention probe did not fire (was the vision attention "
+                               "implementation changed after prune?); call vtprune.unprune(model) and prune again")
+        return cap.results
 
     def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
         raise NotImplementedError
+
+    def package(self, features: list[torch.Tensor]) -> Any:
+        """Kept features per image -> the ``pooler_output`` this family's forward expects (a list by default)."""
+        return features
+
+    def finish(self, kwargs: dict[str, Any], new: dict[str, Any], generate: bool) -> None:
+        """Family-specific touches on the rewritten call (e.g. Qwen's text position row and ``rope_deltas``)."""
 
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
@@ -84,6 +116,10 @@ class Adapter:
     def prune_call(self, kwargs: dict[str, Any], config: PruneConfig, spec: SelectorSpec, generate: bool
                    ) -> tuple[dict[str, Any], PruneReport] | None:
         """Rewrite one prefill call; ``None`` means "run it unchanged" (no images, or not a prefill)."""
+        for key in ("pixel_values_videos", "video_grid_thw"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"video inputs ({key}) are not supported by vtprune yet; run this call inside "
+                                 "`with vtprune.disabled(model):` to use the unpruned model")
         if kwargs.get("pixel_values") is None:
             return None
         cache = kwargs.get("past_key_values")
@@ -185,15 +221,17 @@ class Adapter:
             keep[s, pos[drop]] = False
         features = [gather_tokens(im.features[None], k[None].to(im.features.device))[0]
                     for im, k in zip(images, kept_idx)]
-        new = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "image_sizes")}
-        new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        new = {k: v for k, v in kwargs.items() if k != "pixel_values"}
+        new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self.package(features))}
         mask = kwargs.get("attention_mask")
         report.tokens_before = (mask.sum(1) if mask is not None else torch.full((b,), length)).tolist()
-        if bool(keep.all()):
+        if bool(keep.all()):  # nothing dropped: only the encoder input is replaced, the model does the rest
             report.tokens_after = list(report.tokens_before)
             report.token_map = torch.arange(length, device=dev).expand(b, length)
             self._flops(report)
             return new
+        for key in self.encoder_keys:
+            new.pop(key, None)
         # kept positions first (stable, original order), then left-pad rows to the longest
         n_keep = keep.sum(1)
         new_len = int(n_keep.max())
@@ -222,6 +260,7 @@ class Adapter:
             new["position_ids"] = take(self.original_positions(kwargs, generate), 0)
         else:
             new.pop("position_ids", None)
+        self.finish(kwargs, new, generate)
         report.tokens_after = new["attention_mask"].sum(1).tolist()
         self._flops(report)
         return new

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..probes import Capture, probe_name
+from ..probes import cls_row
 from .base import Adapter, ImageTokens
 
 _NO_CLS_TOWERS = ("siglip_vision_model", "siglip2_vision_model")
@@ -44,7 +44,6 @@ class LlavaAdapter(Adapter):
             raise ValueError(f"{type(model).__name__} has no vision tower at model.model.vision_tower; vtprune "
                              "supports the *ForConditionalGeneration classes of LLaVA and LLaVA-NeXT")
         self.base = base
-        self._saved_impl: str | None = None
 
     # ---- signals ------------------------------------------------------------------------------------------------
     def _cls_layer(self, feature_layer: Any) -> torch.nn.Module:
@@ -64,17 +63,6 @@ class LlavaAdapter(Adapter):
             raise ValueError(f"method {spec.name!r} needs [CLS] attention but this model's vision tower ({vt}) has no "
                              "[CLS] token; use divprune, random or uniform")
 
-    def attach(self, needs: set[str]) -> None:
-        if "cls_attention" in needs:
-            cfg = self.model.config.vision_config
-            self._saved_impl = cfg._attn_implementation
-            self.model.set_attn_implementation({"vision_config": probe_name(self._saved_impl or "sdpa")})
-
-    def detach(self) -> None:
-        if self._saved_impl is not None:
-            self.model.set_attn_implementation({"vision_config": self._saved_impl})
-            self._saved_impl = None
-
     # ---- features ------------------------------------------------------------------------------------------------
     def _feature_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         cfg = self.model.config
@@ -85,27 +73,14 @@ class LlavaAdapter(Adapter):
 
     def _run_tower(self, kwargs: dict[str, Any], needs: set[str], extra: dict[str, Any]):
         args = self._feature_args(kwargs)
-        want_cls = "cls_attention" in needs
-        if want_cls and self._saved_impl is None:
-            raise RuntimeError("vtprune: the [CLS] probe is not installed (was the vision attention implementation "
-                               "changed after prune?); call vtprune.unprune(model) and prune again")
-        attn = self._cls_layer(args["vision_feature_layer"]) if want_cls else None
-        cap = Capture(attn, rows=slice(0, 1)) if want_cls else None
-        if cap is not None:
-            cap.__enter__()
-        try:
+        if "cls_attention" not in needs:
             out = self.base.get_image_features(pixel_values=kwargs["pixel_values"], **extra, **args, return_dict=True)
-        finally:
-            if cap is not None:
-                cap.__exit__(None, None, None)
-        cls = None
-        if want_cls:
-            if cap.result is None:
-                raise RuntimeError("vtprune: the [CLS] attention probe did not fire during the vision forward; the "
-                                   "vision attention implementation was changed after prune")
-            cls = cap.result[:, :, 0].mean(1)  # [sub-images, 1 + patches], head mean
-            if args["vision_feature_select_strategy"] == "default":
-                cls = cls[:, 1:]  # align with the patch tokens the projector receives
+            return out, None, args
+        with self.capture(self._cls_layer(args["vision_feature_layer"]), cls_row) as cap:
+            out = self.base.get_image_features(pixel_values=kwargs["pixel_values"], **extra, **args, return_dict=True)
+        cls = torch.cat(self.captured(cap))  # [sub-images, 1 + patches], head mean
+        if args["vision_feature_select_strategy"] == "default":
+            cls = cls[:, 1:]  # align with the patch tokens the projector receives
         return out, cls, args
 
     def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
