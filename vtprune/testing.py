@@ -140,8 +140,12 @@ def _qwen_processor_class():
 def tiny_qwen2_vl(kind: str = "qwen2_vl", text_hidden: int = 128, text_layers: int = 2, vision_depth: int = 2,
                   seed: int = 0, attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, object]:
     """(model, processor) for ``kind`` in {"qwen2_vl", "qwen2_5_vl"}: 28 px per LLM token, 4–64 tokens per image."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tok = tiny_tokenizer("qwen2_vl")
@@ -149,9 +153,11 @@ def tiny_qwen2_vl(kind: str = "qwen2_vl", text_hidden: int = 128, text_layers: i
     text = dict(vocab_size=512, hidden_size=text_hidden, intermediate_size=2 * text_hidden,
                 num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=4096, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2,
-                tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]})
-    common = dict(text_config=text, bos_token_id=1, eos_token_id=2, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+                tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]})
+    common = dict(text_config=text, bos_token_id=1, eos_token_id=2, image_token_id=ids["<|image_pad|>"],
+                  video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
     if kind == "qwen2_vl":
         vision = dict(depth=vision_depth, embed_dim=64, hidden_size=text_hidden, num_heads=4, mlp_ratio=2,
