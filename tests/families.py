@@ -1,37 +1,91 @@
-"""Per-family test inputs for the shared adapter tester: later families add an entry here."""
+"""Per-family test inputs for the shared adapter tester: a new family adds an entry to FAMILY."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
-from vtprune.testing import tiny_image, tiny_llava
+import torch
 
-PROMPTS = ["USER: <image>\nwhat colour is it? ASSISTANT:",
-           "USER: <image>\nhow many shapes are there in the picture? ASSISTANT:",
-           "USER: <image>\nwhere? ASSISTANT:"]
+from vtprune.testing import tiny_image, tiny_internvl, tiny_llava, tiny_qwen2_vl
 
-# image sizes per sample: LLaVA-NeXT gets different aspect ratios so AnyRes grids differ inside one batch
-SIZES = {"llava": [(60, 60), (60, 60), (60, 60)],
-         "llava_next": [(100, 80), (60, 60), (60, 130)]}
+QUESTIONS = ["what colour is it?", "how many shapes are there in the picture?", "where?"]
+
+FAMILY = {
+    # name: (builder, image placeholder in the prompt, prompt template, image sizes per sample)
+    "llava": (lambda: tiny_llava("llava"), "<image>", "USER: {img}\n{q} ASSISTANT:",
+              [(60, 60), (60, 60), (60, 60)]),
+    # LLaVA-NeXT gets different aspect ratios so AnyRes grids differ inside one batch
+    "llava_next": (lambda: tiny_llava("llava_next"), "<image>", "USER: {img}\n{q} ASSISTANT:",
+                   [(100, 80), (60, 60), (60, 130)]),
+    # Qwen: dynamic resolution, different token counts per image
+    "qwen2_vl": (lambda: tiny_qwen2_vl("qwen2_vl"), "<|vision_start|><|image_pad|><|vision_end|>",
+                 "<|im_start|>user {img}{q}<|im_end|><|im_start|>assistant", [(120, 90), (60, 60), (90, 150)]),
+    "qwen2_5_vl": (lambda: tiny_qwen2_vl("qwen2_5_vl"), "<|vision_start|><|image_pad|><|vision_end|>",
+                   "<|im_start|>user {img}{q}<|im_end|><|im_start|>assistant", [(120, 90), (60, 60), (90, 150)]),
+    # InternVL: tiles + thumbnail, different tile counts per image
+    "internvl": (tiny_internvl, "<IMG_CONTEXT>", "user: {img}\n{q} assistant:", [(120, 60), (56, 56), (60, 170)]),
+}
+FAMILIES = list(FAMILY)
 
 
 @functools.cache
 def _build(family: str):
-    return tiny_llava(family)
+    return FAMILY[family][0]()
 
 
 def model_and_processor(family: str):
-    import copy
-
     model, proc = _build(family)
     return copy.deepcopy(model), proc
+
+
+def prompt(family: str, question: str, n_images: int = 1) -> str:
+    _, img, template, _ = FAMILY[family]
+    return template.format(img=" ".join([img] * n_images), q=question)
 
 
 def batch(family: str, idx: list[int]):
     """Processor output for samples ``idx`` (left-padded when several)."""
     _, proc = _build(family)
-    images = [tiny_image(*SIZES[family][i], seed=i) for i in idx]
-    return proc(images=images, text=[PROMPTS[i] for i in idx], return_tensors="pt", padding=True)
+    sizes = FAMILY[family][3]
+    images = [tiny_image(*sizes[i], seed=i) for i in idx]
+    return proc(images=images, text=[prompt(family, QUESTIONS[i]) for i in idx], return_tensors="pt", padding=True)
 
 
-FAMILIES = list(SIZES)
+def two_images(family: str):
+    _, proc = _build(family)
+    sizes = FAMILY[family][3]
+    imgs = [tiny_image(*sizes[0], seed=1), tiny_image(*sizes[1], seed=2)]
+    return proc(images=imgs, text=[prompt(family, "compare them", 2)], return_tensors="pt")
+
+
+def is_qwen(family: str) -> bool:
+    return family.startswith("qwen")
+
+
+def forward_positions(family: str, model, inputs, mask=None):
+    """Positions the unpruned model's forward gives this prompt (mask: which tokens count, default the inputs')."""
+    ids = inputs["input_ids"]
+    mask = inputs["attention_mask"] if mask is None else mask
+    if is_qwen(family):
+        pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                            image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+        return pos
+    return torch.arange(ids.shape[1]).expand_as(ids)
+
+
+def batch_invariant_positions(family: str, model, inputs):
+    """Positions that make the unpruned model's forward independent of left padding."""
+    if is_qwen(family):
+        return forward_positions(family, model, inputs)
+    m = inputs["attention_mask"]
+    return (m.cumsum(1) - 1).clamp(min=0)
+
+
+def compact_positions(family: str, kept_mask):
+    pos = (kept_mask.cumsum(1) - 1).clamp(min=0)
+    return pos[None].expand(3, -1, -1) if is_qwen(family) else pos
+
+
+def vision_impl(model) -> str:
+    return model.config.vision_config._attn_implementation

@@ -175,4 +175,4 @@ def test_public_api_surface():
     assert set(vtprune.__all__) >= {"prune", "unprune", "is_pruned", "disabled", "last_report", "select_tokens",
                                     "list_methods", "supported_models", "PruneConfig"}
     assert vtprune.list_methods() == ["divprune", "fastervlm", "random", "uniform"]
-    assert vtprune.supported_models() == ["llava", "llava_next"]
+    assert vtprune.supported_models() == ["internvl", "llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]

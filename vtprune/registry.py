@@ -20,6 +20,9 @@ _SELECTORS: dict[str, str] = {
 _ADAPTERS: dict[str, str] = {
     "llava": "vtprune.adapters.llava:LlavaAdapter",
     "llava_next": "vtprune.adapters.llava:LlavaNextAdapter",
+    "qwen2_vl": "vtprune.adapters.qwen2_vl:Qwen2VLAdapter",
+    "qwen2_5_vl": "vtprune.adapters.qwen2_vl:Qwen2VLAdapter",
+    "internvl": "vtprune.adapters.internvl:InternVLAdapter",
 }
 
 

@@ -1,0 +1,101 @@
+"""InternVL 2/2.5/3, the transformers-native ``internvl`` family (≥ 5).
+
+An image is one or more 448-px tiles (dynamic crops + thumbnail); each tile gives the same number of LLM tokens
+after InternViT drops [CLS] and a 0.5 pixel-shuffle folds every 2×2 patch block into one token. The model itself
+does not know which tiles belong to which image, so the adapter reads it from the prompt: every image is one
+placeholder run in ``input_ids`` of (tiles × tokens per tile) tokens.
+
+Signal: InternViT has a [CLS] token. Its attention row in the layer that feeds the projector is captured by the
+vision probe; each LLM token scores the **sum** of the [CLS] attention of its four source patches. The 2×2 grouping
+is read by running the model's own ``pixel_shuffle`` on patch indices, so it cannot drift from the features.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..probes import cls_row
+from .base import Adapter, ImageTokens
+
+
+class InternVLAdapter(Adapter):
+    provides = ("cls_attention", "grid")
+    encoder_keys = ("pixel_values",)
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        base = getattr(model, "model", None)
+        if base is None or not hasattr(base, "vision_tower") or not hasattr(base, "pixel_shuffle"):
+            raise ValueError(f"{type(model).__name__} has no InternVL vision tower at model.model.vision_tower; "
+                             "vtprune supports InternVLForConditionalGeneration")
+        self.base = base
+
+    def package(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(features)[None]  # InternVL's forward takes one tensor, not a list per image
+
+    def _cls_layer(self, feature_layer: int) -> torch.nn.Module:
+        layers = self.base.vision_tower.encoder.layer
+        idx = feature_layer - 1 if feature_layer >= 0 else len(layers) + feature_layer
+        if not 0 <= idx < len(layers):
+            raise ValueError(f"vision_feature_layer={feature_layer!r} reads the patch embeddings; fastervlm needs a "
+                             "transformer layer's [CLS] row")
+        return layers[idx].attention
+
+    def _tiles_per_image(self, input_ids: torch.Tensor, per_tile: int) -> list[int]:
+        tiles = []
+        for row in (input_ids == self.image_token_id()):
+            pos = row.nonzero().flatten()
+            if pos.numel() == 0:
+                continue
+            breaks = (pos.diff() > 1).nonzero().flatten() + 1
+            bounds = [0, *breaks.tolist(), pos.numel()]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                if (b - a) % per_tile:
+                    raise ValueError(f"an image placeholder run has {b - a} tokens, not a multiple of the "
+                                     f"{per_tile} tokens per tile; check the processor's image_seq_length")
+                tiles.append((b - a) // per_tile)
+        return tiles
+
+    def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
+        cfg = self.model.config
+        layer = kwargs.get("vision_feature_layer")
+        layer = cfg.vision_feature_layer if layer is None else layer
+        strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+        args = {"vision_feature_layer": layer, "vision_feature_select_strategy": strategy}
+        pv = kwargs["pixel_values"]
+        if "cls_attention" in needs:
+            if strategy != "default" or isinstance(layer, (list, tuple)):
+                raise ValueError("fastervlm on InternVL needs vision_feature_select_strategy='default' and a single "
+                                 f"vision_feature_layer, got {strategy!r} / {layer!r}")
+            with self.capture(self._cls_layer(layer), cls_row) as cap:
+                out = self.base.get_image_features(pixel_values=pv, return_dict=True, **args)
+            cls = torch.cat(self.captured(cap))[:, 1:]  # [tiles, patches], [CLS] column dropped
+        else:
+            out = self.base.get_image_features(pixel_values=pv, return_dict=True, **args)
+        feats = out.pooler_output  # [tiles, tokens per tile, D]
+        per_tile = feats.shape[1]
+        tiles = self._tiles_per_image(kwargs["input_ids"], per_tile)
+        if sum(tiles) != feats.shape[0]:
+            raise ValueError(f"the prompts' placeholder runs hold {sum(tiles)} tiles but pixel_values has "
+                             f"{feats.shape[0]}; each image needs its own placeholder run from the processor")
+        side = int(round(per_tile ** 0.5))
+        if "cls_attention" in needs:
+            src = self._shuffle_groups(cls.shape[1]).to(cls.device)  # [tokens per tile, 4] source patches
+            token_score = cls[:, src].sum(-1)  # [tiles, tokens per tile]
+        images, start = [], 0
+        for n in tiles:
+            im = ImageTokens(features=feats[start:start + n].flatten(0, 1), grid=[(side, side)] * n)
+            if "cls_attention" in needs:
+                im.signals["cls_attention"] = token_score[start:start + n].flatten()
+                im.signal_source = "cls_attention(InternViT [CLS] row, summed over each pixel-shuffled 2x2 block)"
+            start += n
+            images.append(im)
+        return images
+
+    def _shuffle_groups(self, n_patches: int) -> torch.Tensor:
+        side = int(round(n_patches ** 0.5))
+        idx = torch.arange(n_patches, dtype=torch.float32).view(1, side, side, 1)
+        out = self.base.pixel_shuffle(idx, scale_factor=self.model.config.downsample_ratio)
+        return out.reshape(-1, out.shape[-1]).round().long()

@@ -1,0 +1,125 @@
+"""Qwen2-VL (``qwen2_vl``) and Qwen2.5-VL (``qwen2_5_vl``) from transformers ≥ 5.
+
+Positions (the part most pruners get wrong): the 3-D M-RoPE positions are computed by the model's own code on the
+*unpruned* prompt, and the kept tokens keep their (t, h, w) columns; text keeps its positions. For ``generate`` the
+model's own generate-time layout is used ([text row; t; h; w]) and the text row, which only feeds mask creation, is
+re-laid on the pruned sequence. ``rope_deltas`` is set to ``max position + 1 − pruned length`` per sample, so any
+decode step that derives positions from the cache continues right after the unpruned maximum.
+
+Signal: the Qwen ViT has no [CLS]. ``fastervlm`` gets a documented substitute: the attention each patch *receives*
+(mean over all queries of its image, head mean) in the last full-attention ViT block, summed over the 2×2 merge
+window that becomes one LLM token; for Qwen2.5-VL the window-attention reorder is undone exactly as the model
+undoes it for the features. This is not FasterVLM's signal, and the report says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..probes import received_attention
+from .base import Adapter, ImageTokens
+
+SIGNAL = ("received attention (mean over queries, head mean) of ViT block {k}, summed over each 2x2 merge window; "
+          "a [CLS] substitute, not FasterVLM's [CLS] signal")
+
+
+class Qwen2VLAdapter(Adapter):
+    provides = ("cls_attention", "grid")
+    encoder_keys = ("pixel_values", "image_grid_thw")
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        base = getattr(model, "model", None)
+        if base is None or not hasattr(base, "visual") or not hasattr(base, "get_rope_index"):
+            raise ValueError(f"{type(model).__name__} has no Qwen vision tower at model.model.visual; vtprune supports "
+                             "Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration")
+        self.base = base
+
+    def _score_block(self) -> int:
+        full = getattr(self.model.config.vision_config, "fullatt_block_indexes", None)
+        return int(full[-1]) if full else len(self.base.visual.blocks) - 1
+
+    def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
+        grid = kwargs.get("image_grid_thw")
+        if grid is None:
+            raise ValueError("Qwen2-VL needs image_grid_thw (from the processor) alongside pixel_values")
+        if kwargs.get("mm_token_type_ids") is None:
+            raise ValueError("Qwen2-VL needs mm_token_type_ids (returned by the processor with input_ids) to lay out "
+                             "3-D positions; pass the processor's whole output to the model")
+        if bool((grid[:, 0] != 1).any()):
+            raise ValueError(f"image_grid_thw has temporal size {grid[:, 0].tolist()}; vtprune prunes still images "
+                             "(t = 1) only")
+        merge = self.model.config.vision_config.spatial_merge_size
+        pv = kwargs["pixel_values"]
+        if "cls_attention" in needs:
+            k = self._score_block()
+            with self.capture(self.base.visual.blocks[k].attn, received_attention) as cap:
+                out = self.base.get_image_features(pv, grid, return_dict=True)
+            # per-call results (one call per image on SDPA/eager, one packed call on flash) in processing order
+            patch = torch.cat([r.flatten() for r in self.captured(cap)])
+            unit = patch.view(-1, merge * merge).sum(1)
+            if hasattr(self.base.visual, "fullatt_block_indexes"):  # Qwen2.5-VL: undo the window reorder
+                from transformers.vision_utils import get_vision_window_index
+
+                vc = self.model.config.vision_config
+                window_index, _ = get_vision_window_index(grid, spatial_merge_size=merge, window_size=vc.window_size,
+                                                          patch_size=vc.patch_size)
+                unit = unit[torch.argsort(window_index.to(unit.device))]
+        else:
+            out = self.base.get_image_features(pv, grid, return_dict=True)
+        feats = list(out.pooler_output)
+        images, start = [], 0
+        for f, (_, h, w) in zip(feats, grid.tolist()):
+            im = ImageTokens(features=f, grid=(h // merge, w // merge))
+            if "cls_attention" in needs:
+                im.signals["cls_attention"] = unit[start:start + f.shape[0]]
+                im.signal_source = SIGNAL.format(k=k)
+            start += f.shape[0]
+            images.append(im)
+        return images
+
+    def original_positions(self, kwargs: dict[str, Any], generate: bool) -> torch.Tensor:
+        """[3, B, L] (forward) or [4, B, L] (generate: text row first) exactly as the unpruned model lays them out."""
+        if kwargs.get("position_ids") is not None:
+            return kwargs["position_ids"]
+        enc = {k: kwargs.get(k) for k in ("attention_mask", "mm_token_type_ids", "image_grid_thw")}
+        if generate:
+            return self.model._prepare_position_ids_for_generation(kwargs["input_ids"], enc)
+        pos, _ = self.base.get_rope_index(kwargs["input_ids"], **enc)
+        return pos
+
+    def finish(self, kwargs: dict[str, Any], new: dict[str, Any], generate: bool) -> None:
+        pos, mask = new.get("position_ids"), new["attention_mask"]
+        if pos is not None and pos.dim() == 2:  # caller gave 1-D positions: the model uses them on all three axes
+            pos = pos[None].expand(3, -1, -1)
+            new["position_ids"] = pos
+        if pos is None:  # compact: the model's own layout on the pruned prompt cannot be computed (see module doc)
+            pos = self._compact_positions(new)
+            new["position_ids"] = pos
+        if pos.shape[0] == 4:  # the text row feeds mask creation only: make it the pruned sequence's own
+            text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            pos = torch.cat([text[None].to(pos), pos[1:]])
+            new["position_ids"] = pos
+        rope = pos[-3:]
+        longest = rope.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2))
+        self.base.rope_deltas = (longest + 1 - mask.sum(-1))[:, None]
+
+    def _compact_positions(self, new: dict[str, Any]) -> torch.Tensor:
+        """positions="compact" ablation: kept image tokens re-indexed like text (1-D positions on all 3 axes)."""
+        mask = new["attention_mask"]
+        text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        return text[None].expand(3, -1, -1).clone()
+
+    def decode_info(self, kwargs, new, config):
+        """Decode steps of a caller's own loop continue after the largest kept M-RoPE position (all three axes).
+
+        Positions are given explicitly: in transformers 5.23 a Qwen2-VL decode step with a full 2-D mask and no
+        position_ids fails even without vtprune (positions are built for the whole mask, not the new tokens).
+        """
+        info = super().decode_info(kwargs, new, config)
+        if info is not None:
+            rope, mask = new["position_ids"][-3:], new["attention_mask"]
+            info["next_pos"] = rope.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2)) + 1
+        return info
