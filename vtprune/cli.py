@@ -37,12 +37,27 @@ def scene(size: int = 336, seed: int = 0):
     return img
 
 
-def demo_model():
-    """A small LLaVA-architecture model with LLaVA-1.5's token layout (336 px, 14 px patches -> 576 tokens)."""
-    from .testing import tiny_llava
+DESCRIPTION = {
+    "llava": "LLaVA architecture built from a config (CLIP-style ViT 336/14 -> 576 visual tokens, 8-layer Llama h512)",
+    "qwen2_vl": "Qwen2-VL architecture built from a config (ViT 14 px + 2x2 merger, 336 px -> 144 visual tokens, "
+                "M-RoPE, 8-layer LM h512)",
+}
+BUDGETS = {"llava": "288,144,64,29", "qwen2_vl": "72,36,16,8"}
+TEMPLATE = {"llava": "USER: <image>\n{q} ASSISTANT:",
+            "qwen2_vl": "<|im_start|>user <|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>"
+                        "<|im_start|>assistant"}
 
-    return tiny_llava("llava", image_size=336, patch_size=14, vision_hidden=128, vision_layers=2,
-                      text_hidden=512, text_layers=8)
+
+def demo_model(family: str = "llava"):
+    """A small model of ``family`` at real token layouts (random weights until the trained default ships)."""
+    from .testing import tiny_llava, tiny_qwen2_vl
+
+    if family == "llava":
+        return tiny_llava("llava", image_size=336, patch_size=14, vision_hidden=128, vision_layers=2,
+                          text_hidden=512, text_layers=8)
+    if family == "qwen2_vl":
+        return tiny_qwen2_vl("qwen2_vl", text_hidden=512, text_layers=8, max_tokens=144)
+    raise ValueError(f"demo family must be one of {sorted(DESCRIPTION)}, got {family!r}")
 
 
 def _time_ms(fn, repeats: int) -> float:
@@ -64,25 +79,26 @@ def header() -> str:
             f"transformers {transformers.__version__} | dtype float32")
 
 
-def run_demo(out: Path, budgets: list[int], methods: list[str], repeats: int) -> None:
+def run_demo(out: Path, budgets: list[int], methods: list[str], repeats: int, family: str = "llava") -> None:
     import vtprune
 
     from .viz import panel, stack
 
     out.mkdir(parents=True, exist_ok=True)
-    model, proc = demo_model()
+    model, proc = demo_model(family)
     img = scene()
-    inputs = proc(images=[img], text=["USER: <image>\nWhat colour is the circle? ASSISTANT:"], return_tensors="pt")
+    inputs = proc(images=[img], text=[TEMPLATE[family].format(q="What colour is the circle?")], return_tensors="pt")
     print(header())
-    print("model: LLaVA architecture built from a config (CLIP-style ViT 336/14 -> 576 visual tokens, 8-layer Llama "
-          "h512); random weights, so answers are not meaningful — the trained default replaces it later\n")
+    print(f"model: {DESCRIPTION[family]}; random weights, so answers are not meaningful — the trained default "
+          "replaces it later\n")
     with torch.no_grad():
         base_ms = _time_ms(lambda: model(**inputs), repeats)
         base_ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     n_prompt = inputs["input_ids"].shape[1]
+    n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
     print(f"{'method':>10} {'keep':>5} {'visual':>10} {'LLM tokens':>10} {'prefill ms':>10} {'speed-up':>8} "
           f"{'FLOPs':>7} {'same answer':>11}")
-    print(f"{'none':>10} {'all':>5} {'576->576':>10} {n_prompt:>10} {base_ms:>10.1f} {'1.00x':>8} {'100%':>7} "
+    print(f"{'none':>10} {'all':>5} {f'{n_vis}->{n_vis}':>10} {n_prompt:>10} {base_ms:>10.1f} {'1.00x':>8} {'100%':>7} "
           f"{'-':>11}")
     panels = []
     for method in methods:
@@ -136,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="prune the default model at several budgets; print speed-ups; write pictures")
     d.add_argument("--out", type=Path, default=Path("demo_out"))
-    d.add_argument("--budgets", default="288,144,64,29", help="comma-separated visual tokens per image")
+    d.add_argument("--family", default="llava", choices=sorted(DESCRIPTION), help="model family of the demo model")
+    d.add_argument("--budgets", default=None, help="comma-separated visual tokens per image (default per family)")
     d.add_argument("--methods", default="fastervlm,divprune,uniform,random")
     d.add_argument("--repeats", type=int, default=3)
     v = sub.add_parser("viz", help="picture of the tokens a method keeps on your image")
@@ -150,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if a.cmd == "demo":
-        run_demo(a.out, [int(x) for x in a.budgets.split(",")], a.methods.split(","), a.repeats)
+        budgets = a.budgets or BUDGETS[a.family]
+        run_demo(a.out, [int(x) for x in budgets.split(",")], a.methods.split(","), a.repeats, a.family)
     else:
         run_viz(a.image, a.method, a.keep, a.model, a.out, a.question)
 

@@ -138,7 +138,8 @@ def _qwen_processor_class():
 
 
 def tiny_qwen2_vl(kind: str = "qwen2_vl", text_hidden: int = 128, text_layers: int = 2, vision_depth: int = 2,
-                  seed: int = 0, attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, object]:
+                  seed: int = 0, attn_implementation: str = "sdpa", max_tokens: int = 64
+                  ) -> tuple[torch.nn.Module, object]:
     """(model, processor) for ``kind`` in {"qwen2_vl", "qwen2_5_vl"}: 28 px per LLM token, 4–64 tokens per image."""
     from transformers import (
         Qwen2_5_VLConfig,
@@ -150,11 +151,13 @@ def tiny_qwen2_vl(kind: str = "qwen2_vl", text_hidden: int = 128, text_layers: i
 
     tok = tiny_tokenizer("qwen2_vl")
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    half = text_hidden // 4 // 2  # M-RoPE sections split head_dim/2 over (t, h, w) in Qwen's 2:3:3 ratio
+    section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
     text = dict(vocab_size=512, hidden_size=text_hidden, intermediate_size=2 * text_hidden,
                 num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=4096, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2,
                 tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]})
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": section})
     common = dict(text_config=text, bos_token_id=1, eos_token_id=2, image_token_id=ids["<|image_pad|>"],
                   video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                   vision_end_token_id=ids["<|vision_end|>"])
@@ -172,7 +175,7 @@ def tiny_qwen2_vl(kind: str = "qwen2_vl", text_hidden: int = 128, text_layers: i
                                                                 attn_implementation=attn_implementation)
     else:
         raise ValueError(f"kind must be 'qwen2_vl' or 'qwen2_5_vl', got {kind!r}")
-    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64, patch_size=14, merge_size=2,
+    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * max_tokens, patch_size=14, merge_size=2,
                                   temporal_patch_size=2)
     proc = _qwen_processor_class()(image_processor=ip, tokenizer=tok)
     return model.eval(), proc
