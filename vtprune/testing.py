@@ -32,7 +32,7 @@ def _tokenizer_dir(family: str = "llava") -> str:
     tk.decoder = decoders.ByteLevel()
     extra = {"llava": (IMAGE_TOKEN,), "qwen2_vl": QWEN_SPECIALS, "internvl": INTERNVL_SPECIALS}[family]
     tk.train_from_iterator(_CORPUS * 4, trainer=trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", *extra],
+        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", *extra], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     named = {"llava": {"image_token": IMAGE_TOKEN},
              "qwen2_vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
