@@ -22,10 +22,15 @@ KEEP = 6
 CASES = [(f, m) for f in FAMILIES for m in METHODS]
 
 
+def _suppressed(model) -> list[int]:
+    # random weights may emit the image placeholder itself, which no model accepts back as text (use_cache=False),
+    # or stop early on EOS in one run but not another; tests compare exactly 8 tokens
+    eos = model.generation_config.eos_token_id
+    return [model.config.image_token_id, *(eos if isinstance(eos, list) else [2 if eos is None else eos])]
+
+
 def _gen(model, inputs, **kw):
-    # random weights may emit the image placeholder itself, which no model accepts back as text (use_cache=False)
-    return model.generate(**inputs, max_new_tokens=8, do_sample=False, suppress_tokens=[model.config.image_token_id],
-                          **kw)
+    return model.generate(**inputs, max_new_tokens=8, do_sample=False, suppress_tokens=_suppressed(model), **kw)
 
 
 def _kept_rows(report, b):
@@ -294,3 +299,65 @@ def test_callers_own_decode_loop_matches_generate(family, positions):
             cache = out.past_key_values
             logits.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(logits), torch.stack(ref.logits), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,method", [(f, m) for f in FAMILIES for m in ("fastervlm", "divprune")])
+def test_generate_equals_hand_built_reference_decode(family, method):
+    """8 greedy tokens of the pruned model == the unpruned model run step by step on the full sequence with the
+    dropped image tokens masked and every position (prompt and new tokens) as the unpruned prompt has it."""
+    model, _ = model_and_processor(family)
+    inputs = batch(family, [0])
+    vtprune.prune(model, method=method, keep=KEEP)
+    with torch.no_grad():
+        out = _gen(model, inputs, output_logits=True, return_dict_in_generate=True)
+    rep = vtprune.last_report(model)
+    ids = inputs["input_ids"]
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[0, _kept_rows(rep, 0)] = True
+    mask = inputs["attention_mask"] * keep
+    with torch.no_grad():
+        pos = forward_positions(family, model, inputs)
+    ref_logits = []
+    with vtprune.disabled(model), torch.no_grad():
+        for _ in range(8):
+            logits = model(**{**inputs, "input_ids": ids, "attention_mask": mask, "position_ids": pos}).logits[:, -1]
+            logits[:, _suppressed(model)] = float("-inf")  # as suppress_tokens does
+            ref_logits.append(logits)
+            tok = logits.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, tok], 1)
+            mask = torch.cat([mask, torch.ones_like(tok)], 1)
+            pos = torch.cat([pos, pos[..., -1:] + 1], -1)
+    n_in = inputs["input_ids"].shape[1]
+    assert torch.equal(out.sequences[0, n_in:], ids[0, n_in:])
+    got = torch.stack(out.logits)
+    ref = torch.stack(ref_logits)
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(got[finite], ref[finite], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_with_different_image_counts_equals_one_at_a_time(family):
+    from tests.families import FAMILY, _build, prompt
+    from vtprune.testing import tiny_image
+
+    model, _ = model_and_processor(family)
+    proc = _build(family)[1]
+    sizes = FAMILY[family][3]
+    imgs = [tiny_image(*sizes[0], seed=5), tiny_image(*sizes[2], seed=6), tiny_image(*sizes[1], seed=7)]
+    texts = [prompt(family, "compare these two", 2), prompt(family, "what is it?", 1)]
+    vtprune.prune(model, method="fastervlm", keep=4)
+    kw = dict(output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        both = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
+        res = _gen(model, both, **kw)
+        rep = vtprune.last_report(model)
+        assert [(i.sample, i.image) for i in rep.images] == [(0, 0), (0, 1), (1, 0)]
+        singles = [proc(images=imgs[:2], text=texts[:1], return_tensors="pt"),
+                   proc(images=imgs[2:], text=texts[1:], return_tensors="pt")]
+        kept_single = []
+        for b, one in enumerate(singles):
+            r1 = _gen(model, one, **kw)
+            kept_single += [i.kept for i in vtprune.last_report(model).images]
+            torch.testing.assert_close(torch.stack(res.logits)[:, b], torch.stack(r1.logits)[:, 0], rtol=0, atol=1e-5)
+    for a, b in zip(rep.images, kept_single):
+        assert torch.equal(a.kept, b)
