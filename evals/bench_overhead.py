@@ -15,7 +15,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vtprune  # noqa: E402
+from vtprune.cli import _time_ms as _time  # noqa: E402
 from vtprune.testing import tiny_llava  # noqa: E402
 
 SHAPES = {
@@ -30,16 +30,6 @@ SHAPES = {
     "small": (112, 64, 2, 128, 2),    # 64 visual tokens
     "mid": (336, 128, 2, 512, 8),     # 576 visual tokens, LLaVA-1.5 layout
 }
-
-
-def _time(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 def oracle_inputs(model, inputs, report):

@@ -49,6 +49,15 @@ class Adapter:
         self.model = model
         self._saved_impl: str | None = None
 
+    def inner_model(self, attrs: tuple[str, ...], where: str, supported: str) -> torch.nn.Module:
+        """``model.model``, checked to have ``attrs``; a clear error names what is missing and what is supported."""
+        base = getattr(self.model, "model", None)
+        missing = [a for a in attrs if not hasattr(base, a)] if base is not None else list(attrs)
+        if missing:
+            raise ValueError(f"{type(self.model).__name__} has no {', '.join(missing)} at {where}; vtprune supports "
+                             f"{supported}")
+        return base
+
     # ---- family hooks -------------------------------------------------------------------------------------------
     def check_method(self, spec: SelectorSpec) -> None:
         missing = [s for s in spec.requires if s not in self.provides]

@@ -26,11 +26,8 @@ class InternVLAdapter(Adapter):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
-        base = getattr(model, "model", None)
-        if base is None or not hasattr(base, "vision_tower") or not hasattr(base, "pixel_shuffle"):
-            raise ValueError(f"{type(model).__name__} has no InternVL vision tower at model.model.vision_tower; "
-                             "vtprune supports InternVLForConditionalGeneration")
-        self.base = base
+        self.base = self.inner_model(("vision_tower", "pixel_shuffle"), "model.model",
+                                     "InternVLForConditionalGeneration")
 
     def package(self, features: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(features)[None]  # InternVL's forward takes one tensor, not a list per image

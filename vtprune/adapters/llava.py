@@ -39,11 +39,8 @@ class LlavaAdapter(Adapter):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
-        base = getattr(model, "model", None)
-        if base is None or not hasattr(base, "get_image_features") or not hasattr(base, "vision_tower"):
-            raise ValueError(f"{type(model).__name__} has no vision tower at model.model.vision_tower; vtprune "
-                             "supports the *ForConditionalGeneration classes of LLaVA and LLaVA-NeXT")
-        self.base = base
+        self.base = self.inner_model(("vision_tower", "get_image_features"), "model.model",
+                                     "the *ForConditionalGeneration classes of LLaVA and LLaVA-NeXT")
 
     # ---- signals ------------------------------------------------------------------------------------------------
     def _cls_layer(self, feature_layer: Any) -> torch.nn.Module:

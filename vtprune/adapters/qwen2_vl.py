@@ -31,11 +31,8 @@ class Qwen2VLAdapter(Adapter):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
-        base = getattr(model, "model", None)
-        if base is None or not hasattr(base, "visual") or not hasattr(base, "get_rope_index"):
-            raise ValueError(f"{type(model).__name__} has no Qwen vision tower at model.model.visual; vtprune supports "
-                             "Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration")
-        self.base = base
+        self.base = self.inner_model(("visual", "get_rope_index"), "model.model",
+                                     "Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration")
 
     def _score_block(self) -> int:
         full = getattr(self.model.config.vision_config, "fullatt_block_indexes", None)
