@@ -13,15 +13,15 @@ QUESTIONS = ["what colour is it?", "how many shapes are there in the picture?", 
 
 FAMILY = {
     # name: (builder, image placeholder in the prompt, prompt template, image sizes per sample)
-    "llava": (lambda: tiny_llava("llava"), "<image>", "USER: {img}\n{q} ASSISTANT:",
+    "llava": (lambda **kw: tiny_llava("llava", **kw), "<image>", "USER: {img}\n{q} ASSISTANT:",
               [(60, 60), (60, 60), (60, 60)]),
     # LLaVA-NeXT gets different aspect ratios so AnyRes grids differ inside one batch
-    "llava_next": (lambda: tiny_llava("llava_next"), "<image>", "USER: {img}\n{q} ASSISTANT:",
+    "llava_next": (lambda **kw: tiny_llava("llava_next", **kw), "<image>", "USER: {img}\n{q} ASSISTANT:",
                    [(100, 80), (60, 60), (60, 130)]),
     # Qwen: dynamic resolution, different token counts per image
-    "qwen2_vl": (lambda: tiny_qwen2_vl("qwen2_vl"), "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_vl": (lambda **kw: tiny_qwen2_vl("qwen2_vl", **kw), "<|vision_start|><|image_pad|><|vision_end|>",
                  "<|im_start|>user {img}{q}<|im_end|><|im_start|>assistant", [(120, 90), (60, 60), (90, 150)]),
-    "qwen2_5_vl": (lambda: tiny_qwen2_vl("qwen2_5_vl"), "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": (lambda **kw: tiny_qwen2_vl("qwen2_5_vl", **kw), "<|vision_start|><|image_pad|><|vision_end|>",
                    "<|im_start|>user {img}{q}<|im_end|><|im_start|>assistant", [(120, 90), (60, 60), (90, 150)]),
     # InternVL: tiles + thumbnail, different tile counts per image
     "internvl": (tiny_internvl, "<IMG_CONTEXT>", "user: {img}\n{q} assistant:", [(120, 60), (56, 56), (60, 170)]),
@@ -30,12 +30,13 @@ FAMILIES = list(FAMILY)
 
 
 @functools.cache
-def _build(family: str):
-    return FAMILY[family][0]()
+def _build(family: str, text_layers: int = 2):
+    return FAMILY[family][0](text_layers=text_layers)
 
 
-def model_and_processor(family: str):
-    model, proc = _build(family)
+def model_and_processor(family: str, text_layers: int = 2):
+    """A fresh copy of the family's tiny model (``text_layers`` decoder layers) and its processor."""
+    model, proc = _build(family, text_layers)
     return copy.deepcopy(model), proc
 
 

@@ -47,12 +47,25 @@ def test_bad_prune_arguments_raise_and_leave_model_untouched(kwargs, words):
     _untouched(model, hooks)
 
 
-def test_in_llm_stage_not_yet_available_is_a_clear_error():
-    model, _ = model_and_processor("llava")
-    cfg = {"stages": [{"method": "divprune", "keep": 8, "layer": 2}]}
-    with pytest.raises(ValueError, match="llm:2.*not available yet.*pre_llm"):
-        vtprune.prune(model, cfg)
-    assert not vtprune.is_pruned(model)
+BAD_STAGES = [
+    (dict(method="fastv", keep=4, layer=5), "llm:5 is past the last decoder layer.*valid layers 1..1"),
+    (dict(method="fastv", keep=4, layer=0), "layer must be an int ≥ 1.*0"),
+    (dict(method="fastervlm", keep=4, layer=1), "'fastervlm' cannot run at stage 'llm:1'.*pre_llm"),
+    (dict(method="pdrop", keep=4), "'pdrop' takes its budgets from schedule"),
+    (dict(method="fastv", keep=4, layer=1, positions="compact"), "compact.*pre_llm stage only"),
+    (dict(stages=[{"method": "fastv", "keep": 4, "layer": 1}, {"method": "divprune", "keep": 8}]),
+     "pre_llm stage must come first"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_STAGES)
+def test_bad_stage_arguments_raise_and_leave_model_untouched(kwargs, match):
+    model, _ = model_and_processor("llava")  # 2 decoder layers
+    hooks = dict(model._forward_pre_hooks)
+    with pytest.raises(ValueError, match=match):
+        vtprune.prune(model, **kwargs)
+    _untouched(model, hooks)
+    assert model.config.text_config._attn_implementation == "sdpa"
 
 
 def test_text_only_model_is_an_unsupported_family():
@@ -136,8 +149,13 @@ def test_select_tokens_runs_each_method():
     f = torch.randn(2, 16, 8)
     a = torch.rand(2, 16)
     for m in vtprune.list_methods():
-        idx = vtprune.select_tokens(m, f, keep=5, cls_attention=a, grid=(4, 4))
+        idx = vtprune.select_tokens(m, f, keep=5, cls_attention=a, text_attention=a, grid=(4, 4))
         assert idx.shape == (2, 5) and idx.dtype == torch.long
+        if m == "atp":  # adaptive: fewer than keep allowed, padded with -1 at the end
+            for row in idx:
+                kept = row[row >= 0]
+                assert kept.numel() >= 1 and (row[kept.numel():] == -1).all() and (kept.diff() > 0).all()
+            continue
         assert (idx.diff(dim=1) > 0).all()
     assert torch.equal(vtprune.select_tokens("fastervlm", f, 5, cls_attention=a),
                        a.topk(5).indices.sort().values)
@@ -174,5 +192,5 @@ def test_import_is_lean():
 def test_public_api_surface():
     assert set(vtprune.__all__) >= {"prune", "unprune", "is_pruned", "disabled", "last_report", "select_tokens",
                                     "list_methods", "supported_models", "PruneConfig"}
-    assert vtprune.list_methods() == ["divprune", "fastervlm", "random", "uniform"]
+    assert vtprune.list_methods() == ["atp", "divprune", "fastervlm", "fastv", "pdrop", "random", "uniform"]
     assert vtprune.supported_models() == ["internvl", "llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]

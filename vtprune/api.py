@@ -22,13 +22,15 @@ _STATE = "_vtprune_state"
 class _State:
     config: PruneConfig
     adapter: Any
-    spec: Any
+    pre: tuple | None = None  # (StageSpec, SelectorSpec) of the pre_llm stage
+    llm: Any = None  # LLMStages of the llm:K stages
     handles: list = field(default_factory=list)
     saved_generate: Any = None
     had_generate: bool = False
     enabled: bool = True
     report: PruneReport | None = None
     decode: dict | None = None  # bookkeeping of the last pruned forward prefill, for manual decode loops
+    pending: PruneReport | None = None  # pre_llm report of a generate call, completed by its in-LLM stages
 
 
 def _model_type(model: Any) -> str:
@@ -40,19 +42,25 @@ def _model_type(model: Any) -> str:
 
 
 def prune(model: torch.nn.Module, config: PruneConfig | dict | None = None, *, method: str | None = None,
-          keep: int | None = None, keep_ratio: float | None = None, positions: str = "preserve", seed: int = 0,
+          keep: int | None = None, keep_ratio: float | None = None, layer: int | None = None,
+          stages: list[dict] | None = None, positions: str = "preserve", seed: int = 0,
           **options: Any) -> torch.nn.Module:
     """Prune the visual tokens of ``model`` in place and return the same object.
 
-    Either a ``PruneConfig`` (or its dict form) or the shorthand ``method=..., keep=...`` (plus selector options).
-    Raises ``ValueError`` naming the bad value and the valid choices; on error the model is left untouched.
+    Either a ``PruneConfig`` (or its dict form), the shorthand ``method=..., keep=...`` (``layer=K`` for a stage
+    inside the language model, plus selector options), or ``stages=[{...}, ...]`` to compose stages (a stage without
+    ``layer`` is ``pre_llm``). Raises ``ValueError`` naming the bad value and the valid choices; on error the model
+    is left untouched.
     """
-    if config is not None and (method is not None or keep is not None or keep_ratio is not None or options):
-        raise ValueError("give either a PruneConfig or method=/keep=/... keywords, not both")
-    if config is None:
+    shorthand = method is not None or keep is not None or keep_ratio is not None or layer is not None or options
+    if (config is not None) + (stages is not None) + bool(shorthand) > 1:
+        raise ValueError("give one of: a PruneConfig, stages=[...], or method=/keep=/... keywords")
+    if stages is not None:
+        config = PruneConfig.from_dict({"stages": stages, "positions": positions, "seed": seed})
+    elif config is None:
         if method is None:
             raise ValueError("prune() needs method=<name> (one of: " + ", ".join(_methods()) + ") or a PruneConfig")
-        config = PruneConfig.single(method, keep, keep_ratio, positions, seed, **options)
+        config = PruneConfig.single(method, keep, keep_ratio, positions, seed, layer, **options)
     elif isinstance(config, dict):
         config = PruneConfig.from_dict(config)
     elif not isinstance(config, PruneConfig):
@@ -62,14 +70,24 @@ def prune(model: torch.nn.Module, config: PruneConfig | dict | None = None, *, m
     if is_pruned(model):
         raise ValueError("model is already pruned; call vtprune.unprune(model) first (or use vtprune.disabled(model) "
                          "to run it unpruned)")
-    spec = get_selector(config.stages[0].method)
     adapter = adapter_cls(model)
-    adapter.check_method(spec)
+    config = config.resolved(len(adapter.decoder_layers()))
+    state = _State(config=config, adapter=adapter)
+    if config.stages[0].where == "pre_llm":
+        spec = get_selector(config.stages[0].method)
+        adapter.check_method(spec)
+        state.pre = (config.stages[0], spec)
+    if any(s.layer is not None for s in config.stages):
+        from .adapters.llm import LLMStages
 
-    state = _State(config=config, adapter=adapter, spec=spec)
-    adapter.attach(set(spec.requires) | set(spec.optional))
+        state.llm = LLMStages(adapter, config)
     try:
+        if state.pre is not None:
+            adapter.attach(set(state.pre[1].requires) | set(state.pre[1].optional))
+        if state.llm is not None:
+            state.llm.attach()
         state.handles.append(model.register_forward_pre_hook(_forward_pre_hook, with_kwargs=True))
+        state.handles.append(model.register_forward_hook(_forward_hook, always_call=True))
         state.had_generate = "generate" in model.__dict__
         state.saved_generate = model.__dict__.get("generate")
         if hasattr(model, "generate"):
@@ -104,6 +122,8 @@ def _teardown(model: torch.nn.Module, state: _State) -> None:
     if state.had_generate:
         model.__dict__["generate"] = state.saved_generate
     state.adapter.detach()
+    if state.llm is not None:
+        state.llm.detach()
     model.__dict__.pop(_STATE, None)
 
 
@@ -167,17 +187,36 @@ def _forward_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, An
     kw = _bind(type(module).forward, args, kwargs, skip=1)
     cache = kw.get("past_key_values")
     cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    new = None
     if cached > 0:
         # a decode step of the caller's own loop after a pruned prefill (generate keeps its own positions)
         new = state.adapter.decode_call(kw, state.decode, cached) if state.decode is not None else None
-        return None if new is None else ((), new)
-    state.decode = None
-    res = state.adapter.prune_call(kw, state.config, state.spec, generate=False)
-    if res is None:
-        return None
-    new_kwargs, state.report = res
-    state.decode = state.adapter.decode_info(kw, new_kwargs, state.config)
-    return (), new_kwargs
+    else:
+        state.decode = None
+        res = None
+        if state.pre is not None:
+            res = state.adapter.prune_call(kw, state.pre[0], state.pre[1], state.config, generate=False)
+        if res is not None:
+            new, state.report = res
+            state.decode = state.adapter.decode_info(kw, new, state.config)
+    if state.llm is not None:
+        final = new if new is not None else kw
+        if cached == 0 and final.get("labels") is not None and final.get("pixel_values", final.get(
+                "mm_encoder_outputs")) is not None:
+            raise ValueError("labels are not supported with in-LLM stages (logits cover only the kept tokens); "
+                             "use a pre_llm stage for training-style forwards")
+        base = state.report if new is not None else state.pending
+        report = state.llm.begin(final.get("input_ids"), final.get("attention_mask"), cached,
+                                 base if cached == 0 else None)
+        if cached == 0 and report is not None:
+            state.report, state.pending = report, None
+    return None if new is None else ((), new)
+
+
+def _forward_hook(module: torch.nn.Module, args: tuple, *rest: Any) -> None:
+    state = _state(module)
+    if state is not None and state.llm is not None:
+        state.llm.end()
 
 
 def _wrap_generate(model: torch.nn.Module, generate: Any) -> Any:
@@ -190,11 +229,21 @@ def _wrap_generate(model: torch.nn.Module, generate: Any) -> Any:
         kw = _bind(generate, args, kwargs, skip=0)
         if "inputs" in kw and "input_ids" not in kw:
             kw["input_ids"] = kw.pop("inputs")
-        res = state.adapter.prune_call(kw, state.config, state.spec, generate=True)
-        if res is None:
-            return generate(**kw)
-        new_kwargs, state.report = res
-        out = generate(**new_kwargs)
+        res = None
+        if state.pre is not None:
+            res = state.adapter.prune_call(kw, state.pre[0], state.pre[1], state.config, generate=True)
+        if state.llm is not None:
+            state.llm.session = {}  # in-LLM decisions are fixed by this call's first prefill
+        try:
+            if res is None:
+                return generate(**kw)
+            new_kwargs, state.report = res
+            state.pending = state.report
+            out = generate(**new_kwargs)
+        finally:
+            state.pending = None
+            if state.llm is not None:
+                state.llm.session = None
         # hand back the caller's own prompt followed by the new tokens, so out[:, L_in:] keeps working
         prompt, pruned_len = kw["input_ids"], new_kwargs["input_ids"].shape[1]
         seq = out.sequences if hasattr(out, "sequences") else out

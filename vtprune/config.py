@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 POSITIONS = ("preserve", "compact")
-STAGES = ("pre_llm",)  # llm:K stages arrive with in-LLM pruning
+STAGES = ("pre_llm", "llm:K")
 
 
 def _is_int(v: Any) -> bool:
@@ -32,13 +32,21 @@ class StageSpec:
 
     @property
     def where(self) -> str:
-        return "pre_llm" if self.layer is None else f"llm:{self.layer}"
+        if self.layer is not None:
+            return f"llm:{self.layer}"
+        from .registry import get_selector
+
+        return "pre_llm" if "pre_llm" in get_selector(self.method).stages else "llm:auto"
 
     def validate(self) -> None:
         from .registry import get_selector
 
         spec = get_selector(self.method)  # raises on unknown method, naming the choices
-        if self.keep is None and self.keep_ratio is None:
+        if spec.schedule and (self.keep is not None or self.keep_ratio is not None):
+            raise ValueError(f"method {self.method!r} takes its budgets from schedule=[(layer, keep_ratio), ...] "
+                             f"(default {spec.schedule} as (fraction of depth, ratio)); got keep={self.keep!r}, "
+                             f"keep_ratio={self.keep_ratio!r}")
+        if self.keep is None and self.keep_ratio is None and not spec.schedule:
             raise ValueError(f"stage {self.method!r}: give keep=<int> (tokens per image) or "
                              "keep_ratio=<float in (0, 1]>")
         if self.keep is not None and self.keep_ratio is not None:
@@ -52,13 +60,13 @@ class StageSpec:
             ok = isinstance(self.keep_ratio, (int, float)) and not isinstance(self.keep_ratio, bool)
             if not ok or not 0.0 < float(self.keep_ratio) <= 1.0:
                 raise ValueError(f"keep_ratio must be a float in (0, 1], got {self.keep_ratio!r}")
-        if self.layer is not None:
-            raise ValueError(
-                f"stage llm:{self.layer!r} (pruning inside the language model) is not available yet; valid stages: "
-                f"{', '.join(STAGES)} (omit `layer`)"
-            )
-        if self.where not in spec.stages:
-            raise ValueError(f"method {self.method!r} cannot run at stage {self.where!r}; it supports {spec.stages}")
+        if self.layer is not None and (not _is_int(self.layer) or self.layer < 1):
+            raise ValueError(f"layer must be an int ≥ 1 (the decoder layer from which only kept tokens are seen), got "
+                             f"{self.layer!r}")
+        kind = "pre_llm" if self.where == "pre_llm" else "llm"
+        if kind not in spec.stages:
+            raise ValueError(f"method {self.method!r} cannot run at stage {self.where!r}; it supports "
+                             f"{', '.join('llm:K' if s == 'llm' else s for s in spec.stages)}")
         unknown = sorted(set(self.options) - set(spec.options))
         if unknown:
             valid = ", ".join(sorted(spec.options)) or "none"
@@ -67,9 +75,10 @@ class StageSpec:
                 "common arguments: keep, keep_ratio, positions, seed"
             )
 
-    def budget(self, n: int) -> int:
-        """Tokens this stage keeps out of ``n``."""
-        k = self.keep if self.keep is not None else max(1, round(float(self.keep_ratio) * n))
+    def budget(self, n: int, of: int | None = None) -> int:
+        """Tokens this stage keeps out of ``n`` present; ``keep_ratio`` applies to ``of`` (the image's tokens
+        entering the language model, default ``n``), so multi-stage ratios refer to the original count."""
+        k = self.keep if self.keep is not None else max(1, round(float(self.keep_ratio) * (n if of is None else of)))
         return min(int(k), n)
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,8 +119,16 @@ class PruneConfig:
             if not isinstance(s, StageSpec):
                 raise ValueError(f"each stage must be a StageSpec (or a dict via PruneConfig.from_dict), got {s!r}")
             s.validate()
-        if sum(s.layer is None for s in self.stages) > 1:
+        if sum(s.where == "pre_llm" for s in self.stages) > 1:
             raise ValueError("at most one pre_llm stage (a stage without `layer`) is allowed")
+        if self.stages[0].where != "pre_llm" and any(s.where == "pre_llm" for s in self.stages):
+            raise ValueError("the pre_llm stage must come first in stages")
+        layers = [s.layer for s in self.stages if s.layer is not None]
+        if layers != sorted(set(layers)):
+            raise ValueError(f"llm stages must have strictly increasing layers, got {layers}")
+        if self.positions != "preserve" and any(s.where != "pre_llm" for s in self.stages):
+            raise ValueError("positions='compact' applies to the pre_llm stage only; in-LLM stages keep positions "
+                             "(use positions='preserve')")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if not _is_int(self.seed):
@@ -120,8 +137,31 @@ class PruneConfig:
 
     @classmethod
     def single(cls, method: str, keep: int | None = None, keep_ratio: float | None = None,
-               positions: str = "preserve", seed: int = 0, **options: Any) -> PruneConfig:
-        return cls([StageSpec(method, keep, keep_ratio, options=options)], positions, seed)
+               positions: str = "preserve", seed: int = 0, layer: int | None = None, **options: Any) -> PruneConfig:
+        return cls([StageSpec(method, keep, keep_ratio, layer, options=options)], positions, seed)
+
+    def resolved(self, n_layers: int) -> PruneConfig:
+        """Concrete stages for a language model of ``n_layers`` decoder layers: an llm-only method without ``layer``
+        gets its default layer (FastV: 2) or its multi-stage schedule (PyramidDrop, ATP)."""
+        from .registry import get_selector
+
+        out: list[StageSpec] = []
+        for s in self.stages:
+            spec = get_selector(s.method)
+            if s.where != "llm:auto":
+                out.append(s)
+            elif spec.schedule:
+                opts = {k: v for k, v in s.options.items() if k != "schedule"}
+                sched = s.options.get("schedule") or [(max(1, round(f * n_layers)), r) for f, r in spec.schedule]
+                for layer, ratio in sched:
+                    out.append(StageSpec(s.method, None, float(ratio), int(layer), options=dict(opts)))
+            else:
+                out.append(StageSpec(s.method, s.keep, s.keep_ratio, spec.default_layer, options=dict(s.options)))
+        for s in out:
+            if s.layer is not None and s.layer >= n_layers:
+                raise ValueError(f"stage llm:{s.layer} is past the last decoder layer (the language model has "
+                                 f"{n_layers} layers: valid layers 1..{n_layers - 1})")
+        return PruneConfig(out, self.positions, self.seed).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return {"stages": [s.to_dict() for s in self.stages], "positions": self.positions, "seed": self.seed}

@@ -39,8 +39,8 @@ def _probs(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor 
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     w = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    if mask is not None:
-        w = w + mask.float()
+    if mask is not None:  # boolean masks mean "may attend"; float masks are additive, as the model uses them
+        w = w.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else w + mask.float()
     return torch.softmax(w, dim=-1)
 
 
@@ -118,3 +118,10 @@ class Capture:
 
     def __exit__(self, *exc: object) -> None:
         _ARMED.pop(self.module, None)
+
+
+def last_row(query, key, attention_mask, scaling, kwargs) -> torch.Tensor:
+    """Head-mean attention of the last query (the last prompt token under left padding) over all keys: [B, L]."""
+    mask = attention_mask[:, :, -1:, : key.shape[-2]] if attention_mask is not None and attention_mask.dim() == 4 \
+        else None
+    return _probs(query[:, :, -1:], key, scaling, mask)[:, :, 0].mean(1)

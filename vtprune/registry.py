@@ -14,6 +14,9 @@ _SELECTORS: dict[str, str] = {
     "divprune": "vtprune.selectors.divprune:SPEC",
     "random": "vtprune.selectors.random:SPEC",
     "uniform": "vtprune.selectors.uniform:SPEC",
+    "fastv": "vtprune.selectors.fastv:SPEC",
+    "pdrop": "vtprune.selectors.pdrop:SPEC",
+    "atp": "vtprune.selectors.atp:SPEC",
 }
 
 # HF model_type -> "module:attribute" of an adapter class

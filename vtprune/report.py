@@ -88,6 +88,10 @@ class PruneReport:
     flops_after: float = 0.0
     token_map: torch.Tensor | None = None
     note: str = ""
+    #: LongTensor[B, n_layers]: visual tokens each decoder layer sees per sample (set when in-LLM stages run)
+    layer_visual_tokens: torch.Tensor | None = None
+    #: per sample, visual tokens averaged over the LLM layers (the number papers mean by "average 144")
+    avg_visual_per_layer: list[float] = field(default_factory=list)
 
     @property
     def visual_before(self) -> int:
@@ -116,6 +120,9 @@ class PruneReport:
         rows.append(f"visual tokens {self.visual_before} -> {self.visual_after}; LLM prefill tokens "
                     f"{sum(self.tokens_before)} -> {sum(self.tokens_after)}; est. prefill FLOPs "
                     f"{self.flops_before / 1e9:.3g} -> {self.flops_after / 1e9:.3g} GFLOP ({self.flops_ratio:.1%})")
+        if self.avg_visual_per_layer:
+            avg = sum(self.avg_visual_per_layer) / len(self.avg_visual_per_layer)
+            rows.append(f"visual tokens per LLM layer, averaged over layers: {avg:.1f} per sample")
         if self.note:
             rows.append(self.note)
         return "\n".join(rows)

@@ -117,13 +117,20 @@ class Adapter:
                 return int(pid)
         return 0 if self.image_token_id() != 0 else 1
 
+    def text_config(self) -> Any:
+        return getattr(self.model.config, "text_config", self.model.config)
+
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        """The language model's decoder layers (the same path in every family vtprune supports)."""
+        return self.model.model.language_model.layers
+
     def text_dims(self) -> tuple[int, int, int]:
         tc = getattr(self.model.config, "text_config", self.model.config)
         return tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers
 
     # ---- shared machinery ---------------------------------------------------------------------------------------
-    def prune_call(self, kwargs: dict[str, Any], config: PruneConfig, spec: SelectorSpec, generate: bool
-                   ) -> tuple[dict[str, Any], PruneReport] | None:
+    def prune_call(self, kwargs: dict[str, Any], stage: StageSpec, spec: SelectorSpec, config: PruneConfig,
+                   generate: bool) -> tuple[dict[str, Any], PruneReport] | None:
         """Rewrite one prefill call; ``None`` means "run it unchanged" (no images, or not a prefill)."""
         for key in ("pixel_values_videos", "video_grid_thw"):
             if kwargs.get(key) is not None:
@@ -138,7 +145,6 @@ class Adapter:
         if input_ids is None:
             raise ValueError("vtprune needs input_ids to find the image placeholders (got inputs_embeds); pass "
                              "input_ids, or run this call inside `with vtprune.disabled(model):`")
-        stage = config.stages[0]
         images = self.encode(kwargs, set(spec.requires) | set(spec.optional))
         owner = self._assign(input_ids, images)
         kept_idx, report = self._select(images, owner, stage, spec, config)

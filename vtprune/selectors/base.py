@@ -42,10 +42,16 @@ class SelectorSpec:
     requires: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)  # user options with defaults
-    stages: tuple[str, ...] = ("pre_llm",)
+    stages: tuple[str, ...] = ("pre_llm",)  # "pre_llm" and/or "llm" (between decoder layers)
     text_guided: bool = False
     newlines: str = "keep"
     description: str = ""
+    #: layer used when an llm-only method is given without ``layer`` (FastV: 2)
+    default_layer: int | None = None
+    #: multi-stage default: ((fraction of LLM depth, keep ratio of the image's tokens), ...); expanded at prune time
+    schedule: tuple[tuple[float, float], ...] = ()
+    #: keeps a per-instance number of tokens (≤ keep); padded with -1 in the returned indices
+    adaptive: bool = False
 
 
 def check_inputs(name: str, features: torch.Tensor, keep: int, valid_mask: torch.Tensor | None) -> None:

@@ -303,6 +303,7 @@ SPEC = SelectorSpec(
     name=NAME,
     fn=divprune_select,
     newlines="pool",
+    stages=("pre_llm", "llm"),
     description="DivPrune (arXiv 2503.02175): greedy max-min cosine diversity over the projected visual tokens "
                 "(most isolated token first, then farthest from the kept set); unique picks, ascending order.",
 )

@@ -66,6 +66,7 @@ SPEC = SelectorSpec(
     name=NAME,
     fn=random_select,
     optional=("seed",),
+    stages=("pre_llm", "llm"),
     newlines="keep",
     description="Random baseline: uniform sampling without replacement over the valid tokens, seeded per row "
                 "(signal 'seed': int or LongTensor[B], default 0); content-independent, ascending order.",

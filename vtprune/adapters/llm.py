@@ -1,0 +1,336 @@
+"""In-LLM stages (``llm:K``), shared by every family that runs a transformers decoder-layer loop.
+
+Prefill: a forward pre-hook on decoder layer K picks the visual tokens to keep (per image), gathers the hidden
+states, rotary position embeddings (cos, sin), position ids and the attention mask, and every later layer gets the
+compacted versions instead of the full-length ones the model's loop hands it. Layers ≥ K therefore compute and cache
+only kept entries; layers < K keep the full KV. Positions are the kept tokens' own (preserve), so decoding continues
+after the unpruned length.
+
+Decode: each layer group attends over its own kept set: the mask the model builds for the full cache length is
+re-laid on that group's cached columns (kept prompt tokens, then the generated tokens), with vtprune's padding
+masked — batches with different kept counts per row stay exact.
+
+Scores come from a probe on layer K−1's attention function (the last prompt token's row), never from an eager
+language model or a re-run layer. Inside one ``generate`` call the kept sets are fixed at the first prefill (static
+pruning, FastV's KV-cache semantics); with ``use_cache=False`` every step replays those sets, so generation with and
+without the cache agree.
+
+Family knowledge stays in the adapters: this module only needs ``adapter.decoder_layers()``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from ..config import PruneConfig, StageSpec
+from ..kernels import gather_tokens
+from ..probes import Capture, last_row, probe_name
+from ..registry import get_selector
+from ..report import ImageReport, PruneReport, Timer, prefill_flops
+
+
+def _compact(keep: torch.Tensor) -> torch.Tensor:
+    """keep BoolTensor[B, L] -> src LongTensor[B, L'] of kept positions in order, rows left-padded with -1."""
+    b, _ = keep.shape
+    n_keep = keep.sum(1)
+    new_len = int(n_keep.max())
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    shift = new_len - n_keep
+    j = torch.arange(new_len, device=keep.device).expand(b, new_len)
+    src = order.gather(1, (j - shift[:, None]).clamp(min=0))
+    return src.masked_fill(j < shift[:, None], -1)
+
+
+class LLMStages:
+    """The ``llm:K`` stages of one pruned model."""
+
+    def __init__(self, adapter: Any, config: PruneConfig):
+        self.adapter = adapter
+        self.seed = config.seed
+        self.stages: list[tuple[StageSpec, Any]] = [(s, get_selector(s.method)) for s in config.stages
+                                                     if s.layer is not None]
+        self.layers = adapter.decoder_layers()
+        self.stage_at = {s.layer: i for i, (s, _) in enumerate(self.stages)}
+        self.probe_layers = sorted({s.layer - 1 for s, spec in self.stages if "text_attention" in spec.requires})
+        self.handles: list[Any] = []
+        self._saved_impl: str | None = None
+        self.phase: str | None = None
+        self.session: dict | None = None
+
+    # ---- install ------------------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        text_cfg = self.adapter.text_config()
+        types = getattr(text_cfg, "layer_types", None)
+        if types and len(set(types)) > 1:
+            raise ValueError(f"in-LLM stages need one attention type in every decoder layer; this model mixes "
+                             f"{sorted(set(types))}")
+        if self.probe_layers:
+            self._saved_impl = text_cfg._attn_implementation
+            if self._saved_impl not in ("sdpa", "eager"):
+                raise ValueError(f"in-LLM stages support language models on 'sdpa' or 'eager' attention, got "
+                                 f"{self._saved_impl!r}; load the model with attn_implementation='sdpa'")
+            self.adapter.model.set_attn_implementation({"text_config": probe_name(self._saved_impl)})
+        first = self.stages[0][0].layer
+        for i in range(first, len(self.layers)):
+            hook = functools.partial(self._layer_hook, i)
+            self.handles.append(self.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        if self._saved_impl is not None:
+            self.adapter.model.set_attn_implementation({"text_config": self._saved_impl})
+            self._saved_impl = None
+
+    # ---- one call -----------------------------------------------------------------------------------------------
+    def begin(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, cached: int,
+              report: PruneReport | None) -> PruneReport | None:
+        """Called before every forward with the ids/mask the language model will see (after the pre_llm stage)."""
+        self.phase = None
+        if cached > 0:
+            if getattr(self, "stage_cur", None) and input_ids is not None:
+                self.phase = "decode"
+                self.q = input_ids.shape[1]
+                self.kv = cached + self.q  # full-length keys of this step (layer 0's view)
+            return report
+        if input_ids is None or not bool((input_ids == self.adapter.image_token_id()).any()):
+            self.stage_cur = {}
+            return report
+        b, length = input_ids.shape
+        self.phase = "prefill"
+        self.lp = length
+        self.mask2d = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        is_img = input_ids == self.adapter.image_token_id()
+        # image index of every LM-input position (one placeholder run = one image), -1 for text
+        starts = is_img & ~torch.nn.functional.pad(is_img[:, :-1], (1, 0), value=False)
+        self.img = (starts.long().cumsum(1) - 1).masked_fill(~is_img, -1)
+        self.cur = torch.arange(length, device=input_ids.device).expand(b, length)
+        self.stage_cur: dict[int, torch.Tensor] = {}
+        self.sub: dict[str, Any] | None = None
+        self.replay = None
+        if self.session is not None:
+            first = self.session.get("ids")
+            if first is None:
+                self.session["ids"] = input_ids
+            elif input_ids.shape[1] >= first.shape[1] and torch.equal(input_ids[:, : first.shape[1]], first):
+                self.replay = self.session["stage_cur"]  # same generate call, no cache: reuse the first decisions
+        self.captures = {layer: Capture(self.layers[layer].self_attn, last_row) for layer in self.probe_layers}
+        for c in self.captures.values():
+            c.__enter__()
+        if self.replay is not None:
+            self.report = PruneReport()  # a replayed step reports nothing new; keep the first prefill's report
+            return None
+        self.report = report if report is not None else PruneReport(stage="", positions="preserve")
+        names = [self.report.stage] + [s.where for s, _ in self.stages]
+        self.report.stage = "+".join(dict.fromkeys(n for n in names if n))
+        return self.report
+
+    def end(self) -> None:
+        """Called after every forward: disarm probes and finish the report of a prefill."""
+        for c in getattr(self, "captures", {}).values():
+            c.__exit__(None, None, None)
+        self.captures = {}
+        if self.phase == "prefill" and self.session is not None and self.replay is None:
+            self.session["stage_cur"] = dict(self.stage_cur)
+        if self.phase == "prefill" and self.replay is None:
+            self._finish_report()
+        self.phase = None
+
+    # ---- layer hooks --------------------------------------------------------------------------------------------
+    def _layer_hook(self, i: int, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if self.phase is None:
+            return None
+        if self.phase == "decode":
+            s = max(k for k in self.stage_cur if self.stages[k][0].layer <= i) if self.stage_cur else None
+            if s is None:
+                return None
+            kwargs = dict(kwargs)
+            kwargs["attention_mask"] = self._decode_mask(s, kwargs.get("attention_mask"))
+            return args, kwargs
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if i in self.stage_at:
+            hidden = self._prune(self.stage_at[i], hidden, kwargs)
+        if self.sub is None:
+            return None
+        kwargs = {**kwargs, **self.sub}
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _prune(self, s: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        stage, spec = self.stages[s]
+        cur = self.cur
+        b = cur.shape[0]
+        if self.replay is not None and s in self.replay:
+            stored = self.replay[s]
+            extra = torch.arange(self.lp - self.session["ids"].shape[1], device=cur.device)
+            target = torch.cat([stored, (self.session["ids"].shape[1] + extra).expand(b, -1)], 1)
+            # where each target position sits in the current sequence
+            inv = torch.full((b, self.lp + 1), -1, dtype=torch.long, device=cur.device)
+            inv.scatter_(1, cur.masked_fill(cur < 0, self.lp), torch.arange(cur.shape[1], device=cur.device)
+                         .expand(b, -1).contiguous())
+            src = inv.gather(1, target.masked_fill(target < 0, self.lp)).masked_fill(target < 0, -1)
+        else:
+            src = self._select(s, stage, spec, hidden)
+        pad = src < 0
+        idx = src.clamp(min=0)
+        new_cur = cur.gather(1, idx).masked_fill(pad, -1)
+        self.stage_cur[s] = new_cur
+        self.cur = new_cur
+        cos, sin = kwargs["position_embeddings"]
+        sub: dict[str, Any] = {"position_embeddings": (self._rows(cos, idx), self._rows(sin, idx))}
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, torch.Tensor):
+            sub["position_ids"] = pos.expand(*pos.shape[:-2], b, pos.shape[-1]).gather(
+                -1, idx.expand(*pos.shape[:-2], *idx.shape))
+        sub["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"), src)
+        self.sub = sub
+        return gather_tokens(hidden, idx)
+
+    def _select(self, s: int, stage: StageSpec, spec: Any, hidden: torch.Tensor) -> torch.Tensor:
+        """Kept positions of the current sequence after stage s (text and the caller's padding always kept)."""
+        cur, b = self.cur, self.cur.shape[0]
+        valid = cur >= 0
+        img = self.img.gather(1, cur.clamp(min=0)).masked_fill(~valid, -1)
+        keep = valid & (img < 0)
+        row = None
+        if "text_attention" in spec.requires:
+            res = self.captures[stage.layer - 1].results
+            if not res:
+                raise RuntimeError("vtprune: the language-model attention probe did not fire; the attention "
+                                   "implementation was changed after prune — unprune and prune again")
+            row = res[-1]  # [B, L_cur]: the last prompt token's attention in layer K-1
+        timer = Timer(hidden.device)
+        with timer:
+            for bi in range(b):
+                for j in range(int(img[bi].max()) + 1):
+                    pos = (img[bi] == j).nonzero().flatten()
+                    n_now = pos.numel()
+                    n_in = int((self.img[bi] == j).sum())
+                    k = stage.budget(n_now, of=n_in)
+                    if k >= n_now:
+                        keep[bi, pos] = True
+                        continue
+                    signals: dict[str, Any] = {"seed": torch.tensor([self.seed * 1_000_003 + j])}
+                    if row is not None:
+                        signals["text_attention"] = row[bi, pos][None]
+                    sel = spec.fn(hidden[bi, pos][None], k, **stage.options, **signals)[0]
+                    keep[bi, pos[sel[sel >= 0]]] = True
+        self._stage_entries(s, stage, spec, img, keep, timer)
+        return _compact(keep)
+
+    @staticmethod
+    def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Gather sequence rows of a [B or 1, L, d] tensor (cos/sin)."""
+        t = t.expand(idx.shape[0], *t.shape[1:])
+        return gather_tokens(t, idx)
+
+    def _prefill_mask(self, mask: torch.Tensor | None, src: torch.Tensor) -> torch.Tensor | None:
+        pad = src < 0
+        idx = src.clamp(min=0)
+        b, n = src.shape
+        if mask is None:
+            if not bool(pad.any()):
+                return None  # still plain causal over the kept order
+            allowed = torch.ones(n, n, dtype=torch.bool, device=src.device).tril()[None, None]
+            mask = self._model_mask(allowed & ~pad[:, None, None, :])
+        elif mask.dim() == 4:
+            m = mask.expand(b, *mask.shape[1:])
+            m = m.gather(2, idx[:, None, :, None].expand(b, m.shape[1], n, m.shape[3]))
+            mask = m.gather(3, idx[:, None, None, :].expand(b, m.shape[1], n, n))
+            mask = self._mask_fill(mask, pad[:, None, None, :])
+        elif mask.dim() == 2:
+            return mask.gather(1, idx).masked_fill(pad, 0)
+        else:
+            raise ValueError(f"in-LLM stages cannot re-lay an attention mask of shape {tuple(mask.shape)}")
+        # rows of added padding attend to themselves only, so no row is empty (empty rows give NaN)
+        eye = torch.eye(n, dtype=torch.bool, device=src.device)[None, None] & pad[:, None, :, None]
+        return self._mask_fill(mask, eye, allow=True)
+
+    def _model_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean "may attend" mask in the form the model's attention takes (eager adds float masks)."""
+        impl = self.adapter.text_config()._attn_implementation
+        if impl.endswith("eager"):
+            zeros = torch.zeros(allowed.shape, device=allowed.device)
+            return zeros.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        return allowed
+
+    @staticmethod
+    def _mask_fill(mask: torch.Tensor, where: torch.Tensor, allow: bool = False) -> torch.Tensor:
+        if mask.dtype == torch.bool:
+            return mask.masked_fill(where, allow)
+        return mask.masked_fill(where, 0.0 if allow else torch.finfo(mask.dtype).min)
+
+    def _decode_mask(self, s: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+        cur = self.stage_cur[s]
+        pad = cur < 0
+        b = cur.shape[0]
+        if mask is None:
+            if not bool(pad.any()):
+                return None
+            # the model saw no padding and skipped its mask, but this group's rows were re-padded by vtprune
+            q, new = self.q, self.kv - self.lp
+            r = torch.arange(q, device=cur.device)[:, None]
+            causal_new = torch.arange(new, device=cur.device)[None, :] <= (new - q + r)
+            full = torch.cat([(~pad)[:, None, :].expand(b, q, -1), causal_new[None].expand(b, -1, -1)], 2)
+            return self._model_mask(full[:, None])
+        if mask.dim() == 2:
+            return torch.cat([mask.gather(1, cur.clamp(min=0)).masked_fill(pad, 0), mask[:, self.lp:]], 1)
+        kv = mask.shape[-1]
+        cols = torch.cat([cur.clamp(min=0), torch.arange(self.lp, kv, device=cur.device).expand(b, -1)], 1)
+        m = mask.expand(b, *mask.shape[1:])
+        m = m.gather(3, cols[:, None, None, :].expand(b, m.shape[1], m.shape[2], cols.shape[1]))
+        hole = torch.cat([pad, torch.zeros(b, kv - self.lp, dtype=torch.bool, device=cur.device)], 1)
+        return self._mask_fill(m, hole[:, None, None, :])
+
+    # ---- report -------------------------------------------------------------------------------------------------
+    def _stage_entries(self, s: int, stage: StageSpec, spec: Any, img: torch.Tensor, keep: torch.Tensor,
+                       timer: Timer) -> None:
+        entries = []
+        for bi in range(img.shape[0]):
+            for j in range(int(img[bi].max()) + 1):
+                first_pos = (self.img[bi] == j).nonzero().flatten()
+                here = img[bi] == j
+                kept_lm = self.cur[bi][here & keep[bi]]  # LM-input positions kept
+                entries.append(ImageReport(
+                    sample=bi, image=j, kept=torch.searchsorted(first_pos, kept_lm), n_before=int(here.sum()),
+                    method=spec.name, stage=stage.where, signal="text_attention(last prompt token, layer "
+                    f"{stage.layer - 1})" if "text_attention" in spec.requires else "", _timer=timer))
+        for e in entries:
+            e._share = len(entries)
+        self.report.images.extend(entries)
+
+    def _finish_report(self) -> None:
+        rep = self.report
+        n_layers = len(self.layers)
+        b = self.img.shape[0]
+        vis_in = (self.img >= 0).sum(1)
+        real_in = self.mask2d.sum(1)
+        counts = torch.zeros(b, n_layers, dtype=torch.long)
+        tokens = torch.zeros(b, n_layers, dtype=torch.long)
+        counts[:] = vis_in[:, None].cpu()
+        tokens[:] = real_in[:, None].cpu()
+        for s, (stage, _) in enumerate(self.stages):
+            cur = self.stage_cur.get(s)
+            if cur is None:
+                continue
+            valid = cur >= 0
+            vis = (self.img.gather(1, cur.clamp(min=0)) >= 0) & valid
+            real = self.mask2d.gather(1, cur.clamp(min=0)).bool() & valid
+            counts[:, stage.layer:] = vis.sum(1)[:, None].cpu()
+            tokens[:, stage.layer:] = real.sum(1)[:, None].cpu()
+        rep.layer_visual_tokens = counts
+        rep.avg_visual_per_layer = counts.float().mean(1).tolist()
+        tm = rep.token_map if rep.token_map is not None else torch.arange(self.lp).expand(b, -1)
+        rep.token_map = tm.gather(1, self.cur.clamp(min=0)).masked_fill(self.cur < 0, -1)
+        d, m, _ = self.adapter.text_dims()
+        rep.flops_after = sum(prefill_flops(tokens[:, layer].tolist(), d, m, 1) for layer in range(n_layers))
+        if not rep.tokens_before:
+            rep.tokens_before = real_in.tolist()
+            rep.flops_before = prefill_flops(rep.tokens_before, d, m, n_layers)
+        rep.tokens_after = tokens[:, -1].tolist()
