@@ -42,11 +42,11 @@ class StageSpec:
         from .registry import get_selector
 
         spec = get_selector(self.method)  # raises on unknown method, naming the choices
-        if spec.schedule and (self.keep is not None or self.keep_ratio is not None):
+        if spec.schedule and self.layer is None and (self.keep is not None or self.keep_ratio is not None):
             raise ValueError(f"method {self.method!r} takes its budgets from schedule=[(layer, keep_ratio), ...] "
                              f"(default {spec.schedule} as (fraction of depth, ratio)); got keep={self.keep!r}, "
                              f"keep_ratio={self.keep_ratio!r}")
-        if self.keep is None and self.keep_ratio is None and not spec.schedule:
+        if self.keep is None and self.keep_ratio is None and not (spec.schedule and self.layer is None):
             raise ValueError(f"stage {self.method!r}: give keep=<int> (tokens per image) or "
                              "keep_ratio=<float in (0, 1]>")
         if self.keep is not None and self.keep_ratio is not None:

@@ -153,7 +153,9 @@ class LLMStages:
             return args, kwargs
         hidden = args[0] if args else kwargs["hidden_states"]
         if i in self.stage_at:
-            hidden = self._prune(self.stage_at[i], hidden, kwargs)
+            # after an earlier stage the loop's full-length kwargs are stale: prune from the current ones
+            current = {**kwargs, **self.sub} if self.sub is not None else kwargs
+            hidden = self._prune(self.stage_at[i], hidden, current)
         if self.sub is None:
             return None
         kwargs = {**kwargs, **self.sub}
@@ -213,7 +215,7 @@ class LLMStages:
                     n_now = pos.numel()
                     n_in = int((self.img[bi] == j).sum())
                     k = stage.budget(n_now, of=n_in)
-                    if k >= n_now:
+                    if k >= n_now and not spec.adaptive:  # an adaptive selector may keep fewer than its cap
                         keep[bi, pos] = True
                         continue
                     signals: dict[str, Any] = {"seed": torch.tensor([self.seed * 1_000_003 + j])}

@@ -1,0 +1,233 @@
+"""In-LLM stages (llm:K): FastV, PyramidDrop-style schedules, adaptive counts and composition with pre_llm, on every
+family, against a test-side layer loop; plus cache parity, batches, reversibility and the attention probe."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vtprune
+from tests.families import FAMILIES, batch, model_and_processor
+
+LAYERS = 4  # tiny language models deep enough for stages at layers 1..3
+CONFIGS = {
+    "fastv": dict(method="fastv", keep=3, layer=2),
+    "pdrop": dict(method="pdrop"),  # default schedule: layers 1, 2, 3 with ratios 0.5, 0.25, 0.125
+    "atp": dict(method="atp", mass=0.5),
+    "compose": dict(stages=[{"method": "divprune", "keep": 6}, {"method": "fastv", "keep": 3, "layer": 2}]),
+}
+IDENTITY = {
+    "fastv": dict(method="fastv", keep=100_000, layer=2),
+    "pdrop": dict(method="pdrop", schedule=[(1, 1.0), (3, 1.0)]),
+    "atp": dict(method="atp", min_keep=100_000, schedule=[(1, 1.0), (2, 1.0)]),
+    "compose": dict(stages=[{"method": "divprune", "keep": 100_000}, {"method": "fastv", "keep": 100_000,
+                                                                        "layer": 2}]),
+}
+CASES = [(f, c) for f in FAMILIES for c in CONFIGS]
+
+
+def _model(family):
+    return model_and_processor(family, LAYERS)[0]
+
+
+def _gen(model, inputs, **kw):
+    eos = model.generation_config.eos_token_id
+    bad = [model.config.image_token_id, *(eos if isinstance(eos, list) else [2 if eos is None else eos])]
+    return model.generate(**inputs, max_new_tokens=6, do_sample=False, suppress_tokens=bad,
+                          output_logits=True, return_dict_in_generate=True, **kw)
+
+
+@pytest.mark.parametrize("family,name", CASES)
+def test_identity_when_every_stage_keeps_all(family, name):
+    model = _model(family)
+    inputs = batch(family, [0, 1])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_ids = _gen(model, inputs).sequences
+        vtprune.prune(model, **IDENTITY[name])
+        out = model(**inputs).logits
+        ids = _gen(model, inputs).sequences
+    assert torch.equal(out, ref)
+    assert torch.equal(ids, ref_ids)
+
+
+def _stage_kept(model, inputs, report):
+    """LM-input positions kept after each llm stage, from the report's per-image kept indices."""
+    ids = inputs["input_ids"][0]
+    is_img = ids == model.config.image_token_id
+    starts = is_img & ~torch.nn.functional.pad(is_img[:-1], (1, 0), value=False)
+    img = (starts.long().cumsum(0) - 1).masked_fill(~is_img, -1)
+    text = (~is_img).nonzero().flatten()
+    kept: dict[int, torch.Tensor] = {}
+    for e in report.images:
+        if not e.stage.startswith("llm:"):
+            continue
+        layer = int(e.stage.split(":")[1])
+        pos = (img == e.image).nonzero().flatten()[e.kept]
+        kept[layer] = torch.cat([kept.get(layer, text), pos]).sort().values
+    return kept
+
+
+def _reference(model, inputs, kept):
+    """Test-side layer loop: full sequence through layers < K, kept rows (hidden, cos/sin, positions) after."""
+    lm = model.model.language_model
+    seen = {}
+
+    def grab(mod, args, kwargs):
+        seen.setdefault("x", (args[0], dict(kwargs)))
+
+    h = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    with vtprune.disabled(model), torch.no_grad():
+        model(**inputs)
+    h.remove()
+    hidden, kw = seen["x"]
+    assert kw["attention_mask"] is None  # one sample, no padding: plain causal attention
+    cos, sin = kw["position_embeddings"]
+    pos = kw.get("position_ids")
+    current = torch.arange(hidden.shape[1])
+    with torch.no_grad():
+        for i, layer in enumerate(lm.layers):
+            if i in kept:
+                idx = torch.searchsorted(current, kept[i])
+                assert torch.equal(current[idx], kept[i])
+                hidden, cos, sin, current = hidden[:, idx], cos[:, idx], sin[:, idx], current[idx]
+                pos = pos[..., idx] if pos is not None else None
+            hidden = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos,
+                           use_cache=False)
+        return model.lm_head(lm.norm(hidden))
+
+
+@pytest.mark.parametrize("family,name", [c for c in CASES if c[1] != "compose"])
+def test_matches_test_side_layer_loop(family, name):
+    model = _model(family)
+    inputs = batch(family, [0])
+    vtprune.prune(model, **CONFIGS[name])
+    with torch.no_grad():
+        out = model(**inputs).logits
+    rep = vtprune.last_report(model)
+    kept = _stage_kept(model, inputs, rep)
+    assert kept and rep.visual_after < rep.visual_before
+    ref = _reference(model, inputs, kept)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    # positions are the kept tokens' own: the final token map points at the unpruned prompt's positions
+    last = max(kept)
+    assert torch.equal(rep.token_map[0], kept[last])
+
+
+@pytest.mark.parametrize("family,name", CASES)
+def test_generate_with_cache_equals_without(family, name):
+    model = _model(family)
+    inputs = batch(family, [0, 1, 2])
+    vtprune.prune(model, **CONFIGS[name])
+    with torch.no_grad():
+        a = _gen(model, inputs)
+        b = _gen(model, inputs, use_cache=False)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=0, atol=1e-5)
+    n_in = inputs["input_ids"].shape[1]
+    assert torch.equal(a.sequences[:, :n_in], inputs["input_ids"])
+
+
+@pytest.mark.parametrize("family,name", CASES)
+def test_padded_batch_equals_one_at_a_time(family, name):
+    model = _model(family)
+    vtprune.prune(model, **CONFIGS[name])
+    full = batch(family, [0, 1, 2])
+    with torch.no_grad():
+        res = _gen(model, full)
+        rep = vtprune.last_report(model)
+        for b in range(3):
+            one = _gen(model, batch(family, [b]))
+            torch.testing.assert_close(torch.stack(res.logits)[:, b], torch.stack(one.logits)[:, 0], rtol=0,
+                                       atol=1e-5)
+            rep1 = vtprune.last_report(model)
+            mine = [e for e in rep.images if e.sample == b]
+            assert [(e.stage, e.kept.tolist()) for e in mine] == [(e.stage, e.kept.tolist()) for e in rep1.images]
+
+
+@pytest.mark.parametrize("family,name", CASES)
+def test_reversible(family, name):
+    model = _model(family)
+    inputs = batch(family, [0, 1])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    impls = (model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation)
+    layer_hooks = [dict(layer._forward_pre_hooks) for layer in model.model.language_model.layers]
+    vtprune.prune(model, **CONFIGS[name])
+    with torch.no_grad():
+        model(**inputs)
+        with vtprune.disabled(model):
+            assert torch.equal(model(**inputs).logits, ref)
+    vtprune.unprune(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+    assert (model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation) == impls
+    assert [dict(layer._forward_pre_hooks) for layer in model.model.language_model.layers] == layer_hooks
+
+
+def test_report_per_layer_counts_and_adaptive_counts():
+    model = _model("llava")
+    inputs = batch("llava", [0, 1, 2])
+    vtprune.prune(model, method="pdrop")
+    with torch.no_grad():
+        model(**inputs)
+    rep = vtprune.last_report(model)
+    # 16 visual tokens per image: layer 0 sees 16, then 8 / 4 / 2 (ratios of the original count)
+    assert rep.layer_visual_tokens.tolist() == [[16, 8, 4, 2]] * 3
+    assert rep.avg_visual_per_layer == [7.5] * 3
+    assert "per LLM layer" in str(rep)
+    assert rep.flops_after < rep.flops_before
+
+    vtprune.unprune(model)
+    vtprune.prune(model, method="atp", mass=0.5, schedule=[(1, 1.0), (2, 0.5), (3, 0.25)])
+    with torch.no_grad():
+        model(**inputs)
+    counts = vtprune.last_report(model).layer_visual_tokens
+    assert (counts[:, 1:] <= counts[:, :-1]).all()  # never increases across stages
+    assert (counts[:, 2] <= 8).all() and (counts[:, 3] <= 4).all()  # caps
+    assert (counts[:, 1] < 16).all()  # adaptive below its cap (ratio 1.0): half the attention mass
+
+
+def test_atp_counts_follow_the_attention_distribution():
+    feats = torch.randn(3, 20, 8)
+    flat = torch.ones(3, 20)
+    peaked = torch.full((3, 20), 0.01)
+    peaked[:, 5] = 10.0
+    mixed = torch.stack([flat[0], peaked[0], torch.exp(-torch.arange(20.0) / 3)])
+    idx = vtprune.select_tokens("atp", feats, keep=12, text_attention=mixed, mass=0.9)
+    counts = (idx >= 0).sum(1).tolist()
+    assert counts[0] == 12  # flat: 90 % of the mass needs 18 tokens, capped at 12
+    assert counts[1] == 1 and idx[1, 0] == 5  # one token holds > 90 %
+    assert 1 < counts[2] < 12
+
+
+def test_fastv_scores_equal_eager_attention():
+    model = _model("llava")
+    inputs = batch("llava", [0])
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation({"text_config": "eager"})
+    with torch.no_grad():
+        att = eager(**inputs, output_attentions=True).attentions[1]  # layer K-1 = 1
+    row = att[0, :, -1].mean(0)  # last prompt token, head mean
+    img = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    expect = row[img].topk(3).indices.sort().values
+    vtprune.prune(model, method="fastv", keep=3, layer=2)
+    assert model.config.text_config._attn_implementation.startswith("vtprune_probe+sdpa")
+    with torch.no_grad():
+        model(**inputs)
+    assert torch.equal(vtprune.last_report(model).images[0].kept, expect)
+
+
+def test_composition_reports_both_stages():
+    model = _model("qwen2_vl")
+    inputs = batch("qwen2_vl", [0])
+    vtprune.prune(model, **CONFIGS["compose"])
+    with torch.no_grad():
+        out = _gen(model, inputs)
+    rep = vtprune.last_report(model)
+    assert [e.stage for e in rep.images] == ["pre_llm", "llm:2"]
+    assert [e.n_after for e in rep.images] == [6, 3]
+    assert rep.layer_visual_tokens[0].tolist() == [6, 6, 3, 3]
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 6
