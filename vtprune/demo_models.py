@@ -52,14 +52,15 @@ def model_dir(name: str = "llava") -> Path:
     return ASSETS / _check_name(name)
 
 
-def demo_model(name: str = "llava") -> tuple[torch.nn.Module, Any]:
+def demo_model(name: str = "llava", path: str | Path | None = None) -> tuple[torch.nn.Module, Any]:
     """``(model, processor)`` of the shipped demo model ``name`` ("llava" or "qwen2_vl"): float32, eval mode.
 
     Loads from the package directory only (``local_files_only``), so it works offline after ``pip install``.
+    ``path``: load a model of the same family from another directory instead (e.g. a fresh ``train_tiny.py`` run).
     Raises ``ValueError`` naming the valid names for an unknown ``name``, and ``FileNotFoundError`` if the package
     was installed without its assets.
     """
-    d = model_dir(name)
+    d = model_dir(name) if path is None else Path(path)
     if not (d / "model.safetensors").is_file() or not (d / "config.json").is_file():
         raise FileNotFoundError(f"demo model {name!r} is missing its files in {d} (model.safetensors, config.json); "
                                 "the package was installed without vtprune/assets (check package-data)")

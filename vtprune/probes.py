@@ -93,16 +93,16 @@ def _make_probe(base: str) -> Callable:
 def probe_name(base: str) -> str:
     """Register (once) and return the probe implementation name wrapping ``base``."""
     from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = PREFIX + base
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _make_probe(base))
     # the mask format follows the implementation name; without this an unknown name gets no padding mask at all
-    if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping and base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base])
+    masks = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    if name not in masks and base in masks:
+        AttentionMaskInterface.register(name, masks[base])
     return name
 
 

@@ -259,11 +259,11 @@ class VTPruneLMM(lmms):
                 raise _bad(f"{pretrained}: {e}") from None
 
         self.accelerator = Accelerator()
-        multi = self.accelerator.num_processes > 1
+        self._rank, self._world_size, local_rank = self._ranks()
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if multi and str(device).startswith("cuda") and device_map is None:
-            device = f"cuda:{self.accelerator.local_process_index}"  # data parallel: one replica per process
+        if self._world_size > 1 and str(device).startswith("cuda") and device_map is None:
+            device = f"cuda:{local_rank}"  # data parallel: one replica per process
         torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, str(dtype), None)
         if not (torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype)):
             raise _bad(f"dtype must be auto or a torch dtype name (float32, bfloat16, float16), got {dtype!r}")
@@ -283,8 +283,6 @@ class VTPruneLMM(lmms):
             vtprune.prune(model, self.prune_config)
         self._model = model
         self.pretrained = pretrained
-        self._rank = self.accelerator.process_index
-        self._world_size = self.accelerator.num_processes
         self.stats = PruneStats()
         self.last_summary: dict[str, float] | None = None
         self._t0: float | None = None
@@ -292,6 +290,17 @@ class VTPruneLMM(lmms):
         model.register_forward_hook(self._first_forward_done)
         eval_logger.info(f"vtprune: {pretrained} ({self.model_type}) config={json.dumps(self.config_dict)} "
                          f"rank {self._rank}/{self._world_size} on {self._device}")
+
+    def _ranks(self) -> tuple[int, int, int]:
+        """(rank, world size, local rank). On CPU, ``accelerate launch --multi_gpu`` starts the processes the way
+        torchrun does and a gloo process group exists, yet ``Accelerator`` reports a single process; the process
+        group (what lmms-eval's evaluator uses to shard and gather) is the authority when there is one."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        else:
+            rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        return rank, world, int(os.environ.get("LOCAL_RANK", self.accelerator.local_process_index))
 
     # ---- lmms-eval plumbing ------------------------------------------------------------------------------------
     @classmethod
@@ -345,9 +354,10 @@ class VTPruneLMM(lmms):
         """The model-facing prompt: the processor's chat template when it has one, else the family's plain layout
         with the processor's image placeholder. A context that already holds placeholders gets no extra ones."""
         placeholder, template = _PLAIN[self._family()]
+        proc_token = getattr(self.processor, "image_token", None) or placeholder
         if self._family() == "llava":
-            placeholder = getattr(self.processor, "image_token", None) or placeholder
-        if placeholder in context or getattr(self.processor, "image_token", "\0") in context:
+            placeholder = proc_token
+        if placeholder in context or proc_token in context:
             n_images = 0
         if self.use_chat_template and getattr(self.processor, "chat_template", None):
             content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
