@@ -55,7 +55,9 @@ def run(repeats: int) -> dict:
                       return_tensors="pt")
         n_vis = (size // 14) ** 2
         keep = max(1, n_vis // 9)  # ~11 %, as LLaVA-1.5 at 64 tokens
-        for method in vtprune.list_methods():
+        # the oracle injects kept features before the LLM, so this compares the pre_llm methods
+        pre_llm = [m for m in vtprune.list_methods() if "pre_llm" in vtprune.registry.get_selector(m).stages]
+        for method in pre_llm:
             vtprune.prune(model, method=method, keep=keep)
             with torch.no_grad():
                 model(**inputs)

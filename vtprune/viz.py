@@ -16,6 +16,9 @@ def kept_grids(im: ImageReport) -> list[torch.Tensor]:
     if im.newline is not None:
         keep = keep[~im.newline.cpu()]
     grid = im.grid
+    side = int(round(keep.numel() ** 0.5))
+    if grid is None and side * side == keep.numel():  # in-LLM stages carry no layout; a square is one grid
+        grid = (side, side)
     if grid is None:
         raise ValueError("this image's tokens have no spatial grid to draw")
     segs = grid if isinstance(grid, list) else [grid]
