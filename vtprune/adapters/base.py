@@ -20,6 +20,21 @@ from ..report import ImageReport, PruneReport, Timer, prefill_flops
 from ..selectors.base import SelectorSpec
 
 
+def left_compact(keep: torch.Tensor) -> torch.Tensor:
+    """keep BoolTensor[B, L] -> LongTensor[B, L'] of the kept positions in their order, rows left-padded with -1.
+
+    Left padding keeps every row's last position real, which generate and last-token probes rely on.
+    """
+    b = keep.shape[0]
+    n_keep = keep.sum(1)
+    new_len = int(n_keep.max())
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    shift = new_len - n_keep
+    j = torch.arange(new_len, device=keep.device).expand(b, new_len)
+    src = order.gather(1, (j - shift[:, None]).clamp(min=0))
+    return src.masked_fill(j < shift[:, None], -1)
+
+
 @dataclass
 class ImageTokens:
     """One image as the language model would receive it.
@@ -125,7 +140,7 @@ class Adapter:
         return self.model.model.language_model.layers
 
     def text_dims(self) -> tuple[int, int, int]:
-        tc = getattr(self.model.config, "text_config", self.model.config)
+        tc = self.text_config()
         return tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers
 
     # ---- shared machinery ---------------------------------------------------------------------------------------
@@ -247,16 +262,11 @@ class Adapter:
             return new
         for key in self.encoder_keys:
             new.pop(key, None)
-        # kept positions first (stable, original order), then left-pad rows to the longest
-        n_keep = keep.sum(1)
-        new_len = int(n_keep.max())
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-        shift = new_len - n_keep
-        j = torch.arange(new_len, device=dev).expand(b, new_len)
-        src = order.gather(1, (j - shift[:, None]).clamp(min=0))
-        pad = j < shift[:, None]
-        token_map = src.masked_fill(pad, -1)
+        token_map = left_compact(keep)
         report.token_map = token_map
+        pad = token_map < 0
+        src = token_map.clamp(min=0)
+        new_len = src.shape[1]
 
         def take(t: torch.Tensor, fill: int | float) -> torch.Tensor:
             # per-token tensors are [B, L] (or [..., B, L] for 3-D positions): gather the last axis

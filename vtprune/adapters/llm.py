@@ -30,18 +30,7 @@ from ..kernels import gather_tokens
 from ..probes import Capture, last_row, probe_name
 from ..registry import get_selector
 from ..report import ImageReport, PruneReport, Timer, prefill_flops
-
-
-def _compact(keep: torch.Tensor) -> torch.Tensor:
-    """keep BoolTensor[B, L] -> src LongTensor[B, L'] of kept positions in order, rows left-padded with -1."""
-    b, _ = keep.shape
-    n_keep = keep.sum(1)
-    new_len = int(n_keep.max())
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    shift = new_len - n_keep
-    j = torch.arange(new_len, device=keep.device).expand(b, new_len)
-    src = order.gather(1, (j - shift[:, None]).clamp(min=0))
-    return src.masked_fill(j < shift[:, None], -1)
+from .base import left_compact
 
 
 class LLMStages:
@@ -224,7 +213,7 @@ class LLMStages:
                     sel = spec.fn(hidden[bi, pos][None], k, **stage.options, **signals)[0]
                     keep[bi, pos[sel[sel >= 0]]] = True
         self._stage_entries(s, stage, spec, img, keep, timer)
-        return _compact(keep)
+        return left_compact(keep)
 
     @staticmethod
     def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

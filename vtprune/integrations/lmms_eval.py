@@ -5,6 +5,9 @@
         --tasks <tasks> --batch_size 4 --output_path out/ --log_samples
     accelerate launch --num_processes 2 -m lmms_eval --model vtprune ...      # data parallel, same metric
 
+On a CPU-only machine add ``--multi_gpu`` (without it accelerate silently starts one process; with it, torchrun-style
+processes and a gloo group) and set ``OMP_NUM_THREADS``; ``examples/lmms_eval_run.sh`` has both commands.
+
 Registration: lmms-eval 0.7.x resolves ``--model`` names through its ``ModelRegistryV2``, which reads the
 ``lmms_eval.models`` entry-point group; vtprune's ``pyproject.toml`` points it at :func:`lmms_manifests`. (The old
 ``@register_model`` decorator fills a dict the 0.7 CLI never consults.)
@@ -13,14 +16,16 @@ Registration: lmms-eval 0.7.x resolves ``--model`` names through its ``ModelRegi
 
 * ``pretrained``: a local directory or hub id, loaded with ``AutoModelForImageTextToText`` + ``AutoProcessor``.
 * ``method``: a vtprune method (``vtprune.list_methods()``) or ``none`` (the same model, unpruned, through the same
-  code path: the baseline of a sweep). Required.
+  code path: the baseline of a sweep; ``keep``/``keep_ratio``/``positions``/``seed`` are then accepted and ignored,
+  so one sweep template serves every method). Required.
 * ``keep`` / ``keep_ratio`` / ``positions`` / ``seed`` and selector options: as in ``vtprune.prune``.
 * ``stages``: a whole stage list as JSON (``stages=[{"method":"divprune","keep":64}]``) instead of ``method``/``keep``.
 * ``batch_size`` (wins over ``--batch_size``), ``device`` (default ``cuda`` if available, else ``cpu``; one device
   per process under ``accelerate launch``), ``device_map``, ``dtype`` (``auto``, ``float32``, ``bfloat16``, ...),
   ``attn_implementation``, ``max_new_tokens`` (default when a task gives none), ``use_chat_template`` (default true:
   the processor's chat template when it has one), ``processor_class`` (``module:Class`` when ``AutoProcessor`` cannot
-  rebuild the processor), ``trust_remote_code``.
+  rebuild the processor), ``trust_remote_code``. (``max_batch_size``, which lmms-eval's CLI passes, is accepted and
+  unused.)
 
 Where the pruning statistics land (lmms-eval 0.7.3 has no field for model metadata in the results JSON, so vtprune
 uses the two channels it does have for models):
@@ -170,7 +175,8 @@ def build_prune_config(method: str | None, keep: Any = None, keep_ratio: Any = N
 
 
 def _import_path(path: str) -> Any:
-    module, _, attr = path.replace(":", ".").rpartition(".") if ":" not in path else path.partition(":")
+    """``"package.module:attr"`` or ``"package.module.attr"`` -> the attribute."""
+    module, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
     return getattr(importlib.import_module(module), attr)
 
 
@@ -280,7 +286,10 @@ class VTPruneLMM(lmms):
         self._tokenizer = self.processor.tokenizer
         self._tokenizer.padding_side = "left"  # batched generation appends after the prompt
         if self.prune_config is not None:
-            vtprune.prune(model, self.prune_config)
+            try:  # model-dependent checks (e.g. a stage layer past the last decoder layer) happen here
+                vtprune.prune(model, self.prune_config)
+            except ValueError as e:
+                raise _bad(f"{pretrained}: {e}") from None
         self._model = model
         self.pretrained = pretrained
         self.stats = PruneStats()
@@ -415,10 +424,16 @@ class VTPruneLMM(lmms):
         out = []
         if rep is not None and rep is not before_report:  # a fresh report: this call was pruned
             layer_avg = list(getattr(rep, "avg_visual_per_layer", None) or [])
+            # with several stages an image has one entry per stage: it enters with the most tokens and leaves the
+            # language model with the fewest
+            per_image: dict[tuple[int, int], tuple[int, int]] = {}
+            for i in rep.images:
+                b0, a0 = per_image.get((i.sample, i.image), (0, i.n_after))
+                per_image[(i.sample, i.image)] = (max(b0, i.n_before), min(a0, i.n_after))
             for b in range(ids.shape[0]):
-                imgs = [i for i in rep.images if i.sample == b]
-                after = sum(i.n_after for i in imgs)
-                out.append({"images": len(imgs), "visual_tokens_before": sum(i.n_before for i in imgs),
+                imgs = [v for (smp, _), v in per_image.items() if smp == b]
+                after = sum(a for _, a in imgs)
+                out.append({"images": len(imgs), "visual_tokens_before": sum(bf for bf, _ in imgs),
                             "visual_tokens_after": after,
                             "visual_tokens_per_layer": float(layer_avg[b]) if b < len(layer_avg) else float(after),
                             "llm_input_tokens": int(rep.tokens_after[b]) if b < len(rep.tokens_after) else None})
