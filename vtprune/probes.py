@@ -60,6 +60,14 @@ def cls_row(query, key, attention_mask, scaling, kwargs) -> torch.Tensor:
     return _probs(query[:, :, :1], key, scaling, mask)[:, :, 0].mean(1)
 
 
+def cls_logits(query, key, attention_mask, scaling, kwargs) -> torch.Tensor:
+    """Head-mean pre-softmax scaled logits of query 0 ([CLS]) over all keys: [B, L] (GlobalCom² uses logits)."""
+    q, k = query[:, :, :1].float(), key.float()
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return (torch.matmul(q, k.transpose(-1, -2)) * scaling)[:, :, 0].mean(1)
+
+
 def received_attention(query, key, attention_mask, scaling, kwargs, block: int = 1024) -> torch.Tensor:
     """Head-mean attention each token receives, averaged over all queries of its own sequence: [B, L].
 

@@ -89,7 +89,7 @@ class Adapter:
 
         Only the vision sub-config's implementation changes, to a wrapper that calls the same implementation.
         """
-        if "cls_attention" in needs:
+        if needs & {"cls_attention", "cls_logits"}:
             self._saved_impl = self.model.config.vision_config._attn_implementation
             self.model.set_attn_implementation({"vision_config": probe_name(self._saved_impl or "sdpa")})
 

@@ -21,7 +21,7 @@ from .base import Adapter, ImageTokens
 
 
 class InternVLAdapter(Adapter):
-    provides = ("cls_attention", "grid")
+    provides = ("cls_attention", "grid", "crop_ids")
     encoder_keys = ("pixel_values",)
 
     def __init__(self, model: torch.nn.Module):
@@ -84,6 +84,8 @@ class InternVLAdapter(Adapter):
         images, start = [], 0
         for n in tiles:
             im = ImageTokens(features=feats[start:start + n].flatten(0, 1), grid=[(side, side)] * n)
+            if n > 1:  # tiles are the crops of a holistic budget (a one-tile image is split spatially instead)
+                im.signals["crop_ids"] = torch.arange(n, device=feats.device).repeat_interleave(per_tile)
             if "cls_attention" in needs:
                 im.signals["cls_attention"] = token_score[start:start + n].flatten()
                 im.signal_source = "cls_attention(InternViT [CLS] row, summed over each pixel-shuffled 2x2 block)"

@@ -12,11 +12,12 @@ from what the model does to the features.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
-from ..probes import cls_row
+from ..probes import cls_logits, cls_row
 from .base import Adapter, ImageTokens
 
 _NO_CLS_TOWERS = ("siglip_vision_model", "siglip2_vision_model")
@@ -35,7 +36,7 @@ def _vision_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 class LlavaAdapter(Adapter):
-    provides = ("cls_attention", "grid")
+    provides = ("cls_attention", "cls_logits", "grid")
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -70,15 +71,22 @@ class LlavaAdapter(Adapter):
 
     def _run_tower(self, kwargs: dict[str, Any], needs: set[str], extra: dict[str, Any]):
         args = self._feature_args(kwargs)
-        if "cls_attention" not in needs:
+        caps: dict[str, Any] = {}
+        with contextlib.ExitStack() as stack:
+            if "cls_attention" in needs:
+                caps["cls_attention"] = stack.enter_context(
+                    self.capture(self._cls_layer(args["vision_feature_layer"]), cls_row))
+            if "cls_logits" in needs:  # GlobalCom² reads the last ViT layer's logits, whatever feeds the projector
+                caps["cls_logits"] = stack.enter_context(self.capture(self._cls_layer(-1), cls_logits))
             out = self.base.get_image_features(pixel_values=kwargs["pixel_values"], **extra, **args, return_dict=True)
-            return out, None, args
-        with self.capture(self._cls_layer(args["vision_feature_layer"]), cls_row) as cap:
-            out = self.base.get_image_features(pixel_values=kwargs["pixel_values"], **extra, **args, return_dict=True)
-        cls = torch.cat(self.captured(cap))  # [sub-images, 1 + patches], head mean
-        if args["vision_feature_select_strategy"] == "default":
-            cls = cls[:, 1:]  # align with the patch tokens the projector receives
-        return out, cls, args
+        rows = {}
+        for name, cap in caps.items():
+            row = torch.cat(self.captured(cap))  # [sub-images, 1 + patches], head mean
+            if args["vision_feature_select_strategy"] == "default":
+                row = row[:, 1:]  # align with the patch tokens the projector receives
+            rows[name] = row
+        self._rows = rows
+        return out, rows.get("cls_attention"), args
 
     def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
         extra = {"image_sizes": kwargs["image_sizes"]} if kwargs.get("image_sizes") is not None else {}
@@ -100,6 +108,8 @@ class LlavaAdapter(Adapter):
 
 
 class LlavaNextAdapter(LlavaAdapter):
+    provides = ("cls_attention", "cls_logits", "grid", "crop_ids", "coords")
+
     def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -131,10 +141,30 @@ class LlavaNextAdapter(LlavaAdapter):
             else:
                 grid = (side, side)
             im = ImageTokens(features=f, newline=newline, grid=grid)
-            if cls is not None:
-                flat = cls[start:start + n_sub[i]].flatten()
-                im.signals["cls_attention"] = torch.where(newline, 0.0, flat[src.clamp(min=0)])
-                im.signal_source = "cls_attention(per sub-image ViT [CLS] row, mapped through unpad)"
+            for name, rows in self._rows.items():
+                flat = rows[start:start + n_sub[i]].flatten()
+                im.signals[name] = torch.where(newline, 0.0, flat[src.clamp(min=0)])
+                im.signal_source = "per sub-image ViT [CLS] row, mapped through unpad"
+            im.signals["crop_ids"] = torch.where(newline, 0, src.clamp(min=0) // per_sub)
+            im.signals["coords"] = self._coords(f.shape[0], side, n_rows if n_sub[i] > 1 else 0, dev)
             start += n_sub[i]
             images.append(im)
         return images
+
+    @staticmethod
+    def _coords(n: int, side: int, n_rows: int, dev: torch.device) -> torch.Tensor:
+        """[n, 2] patch-centre (y, x) of every packed token in the whole image, in [0, 1).
+
+        The base image's side×side grid covers the image; the unpadded crop map (n_rows rows, each followed by a
+        newline token) covers it too, at higher resolution. Newline tokens get their row's right edge.
+        """
+        t = torch.arange(n, device=dev, dtype=torch.float32)
+        base = t < side * side
+        yx = torch.stack([(t // side + 0.5) / side, (t % side + 0.5) / side], -1)
+        if n_rows:
+            width = (n - side * side) // n_rows - 1  # tokens per row, newline excluded
+            c = t - side * side
+            crop = torch.stack([(c // (width + 1) + 0.5) / n_rows, ((c % (width + 1)).clamp(max=width - 1) + 0.5)
+                                / width], -1)
+            yx = torch.where(base[:, None], yx, crop)
+        return yx.clamp(max=1 - 1e-6)
