@@ -192,5 +192,5 @@ def test_import_is_lean():
 def test_public_api_surface():
     assert set(vtprune.__all__) >= {"prune", "unprune", "is_pruned", "disabled", "last_report", "select_tokens",
                                     "list_methods", "supported_models", "PruneConfig"}
-    assert vtprune.list_methods() == ["atp", "divprune", "fastervlm", "fastv", "pdrop", "random", "uniform"]
+    assert vtprune.list_methods() == ["atp", "divprune", "fastervlm", "fastv", "pdrop", "random", "uniform", "vflowopt"]
     assert vtprune.supported_models() == ["internvl", "llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]

@@ -68,6 +68,20 @@ def cls_logits(query, key, attention_mask, scaling, kwargs) -> torch.Tensor:
     return (torch.matmul(q, k.transpose(-1, -2)) * scaling)[:, :, 0].mean(1)
 
 
+def global_importance(query, key, attention_mask, scaling, kwargs, t: float = 30.0) -> torch.Tensor:
+    """VFlowOpt's importance map: attention each token receives from the "global" tokens — those receiving more than
+    ``t`` × the mean received attention — head mean; all queries when no token qualifies. [B, L] per segment."""
+    out = torch.zeros(query.shape[0], query.shape[2], dtype=torch.float32, device=query.device)
+    for s, e in _segments(query, kwargs):
+        m = attention_mask[:, :, s:e, s:e] if attention_mask is not None and attention_mask.dim() == 4 else None
+        a = _probs(query[:, :, s:e], key[:, :, s:e], scaling, m).mean(1)  # [B, L, L] head mean
+        rho = a.mean(1)  # received attention per token
+        g = rho > t * rho.mean(-1, keepdim=True)
+        g = torch.where(g.any(-1, keepdim=True), g, torch.ones_like(g))  # empty global set: all queries
+        out[:, s:e] = (a * g[:, :, None]).sum(1) / g.sum(-1, keepdim=True)
+    return out
+
+
 def received_attention(query, key, attention_mask, scaling, kwargs, block: int = 1024) -> torch.Tensor:
     """Head-mean attention each token receives, averaged over all queries of its own sequence: [B, L].
 

@@ -17,6 +17,7 @@ _SELECTORS: dict[str, str] = {
     "fastv": "vtprune.selectors.fastv:SPEC",
     "pdrop": "vtprune.selectors.pdrop:SPEC",
     "atp": "vtprune.selectors.atp:SPEC",
+    "vflowopt": "vtprune.selectors.vflowopt:SPEC",
 }
 
 # HF model_type -> "module:attribute" of an adapter class

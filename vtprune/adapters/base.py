@@ -89,7 +89,7 @@ class Adapter:
 
         Only the vision sub-config's implementation changes, to a wrapper that calls the same implementation.
         """
-        if needs & {"cls_attention", "cls_logits"}:
+        if needs & {"cls_attention", "cls_logits", "vflow_importance"}:
             self._saved_impl = self.model.config.vision_config._attn_implementation
             self.model.set_attn_implementation({"vision_config": probe_name(self._saved_impl or "sdpa")})
 
@@ -162,8 +162,8 @@ class Adapter:
                              "input_ids, or run this call inside `with vtprune.disabled(model):`")
         images = self.encode(kwargs, set(spec.requires) | set(spec.optional))
         owner = self._assign(input_ids, images)
-        kept_idx, report = self._select(images, owner, stage, spec, config)
-        new_kwargs = self._rewrite(kwargs, images, owner, kept_idx, config, generate, report)
+        kept_idx, report, overrides = self._select(images, owner, stage, spec, config)
+        new_kwargs = self._rewrite(kwargs, images, owner, kept_idx, config, generate, report, overrides)
         return new_kwargs, report
 
     def _assign(self, input_ids: torch.Tensor, images: list[ImageTokens]) -> list[tuple[int, int, torch.Tensor]]:
@@ -210,6 +210,7 @@ class Adapter:
             groups.setdefault((cand[i].numel(), budget[i], repr(im.grid) if spec.newlines != "pool" else ""),
                               []).append(i)
         kept: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
+        overrides: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         timers: dict[int, tuple[Timer, int]] = {}
         for (m, k, _), idxs in groups.items():
             if k >= m:  # nothing to drop in these images
@@ -228,8 +229,15 @@ class Adapter:
             timer = Timer(feats.device)
             with timer:
                 sel = spec.fn(feats, k, **stage.options, **signals)
+            merged = None
+            if isinstance(sel, tuple):  # merging selectors also return the tokens to inject at their slots
+                sel, merged = sel
             for r, i in enumerate(idxs):
-                kept[i] = torch.cat([cand[i][sel[r]], forced[i]]).sort().values
+                valid = sel[r] >= 0  # adaptive selectors pad with -1
+                chosen = cand[i][sel[r][valid]]
+                kept[i] = torch.cat([chosen, forced[i]]).sort().values
+                if merged is not None:
+                    overrides[i] = (chosen, merged[r][valid])
                 timers[i] = (timer, len(idxs))
         for i, im in enumerate(images):
             t, share = timers.get(i, (None, 1))
@@ -238,9 +246,10 @@ class Adapter:
                 sample=owner[i][0], image=owner[i][1], kept=kept[i], n_before=im.features.shape[0],
                 method=spec.name, stage=stage.where, signal=im.signal_source, grid=im.grid, newline=nl,
                 n_newline=int(nl[kept[i]].sum()) if nl is not None else 0, _timer=t, _share=share))
-        return kept, report
+        return kept, report, overrides
 
-    def _rewrite(self, kwargs, images, owner, kept_idx, config: PruneConfig, generate: bool, report: PruneReport):
+    def _rewrite(self, kwargs, images, owner, kept_idx, config: PruneConfig, generate: bool, report: PruneReport,
+                 overrides: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         input_ids = kwargs["input_ids"]
         b, length = input_ids.shape
         dev = input_ids.device
@@ -251,6 +260,8 @@ class Adapter:
             keep[s, pos[drop]] = False
         features = [gather_tokens(im.features[None], k[None].to(im.features.device))[0]
                     for im, k in zip(images, kept_idx)]
+        for i, (chosen, toks) in overrides.items():  # merged tokens sit at their anchor's slot and position
+            features[i][torch.searchsorted(kept_idx[i], chosen)] = toks.to(features[i].dtype)
         new = {k: v for k, v in kwargs.items() if k != "pixel_values"}
         new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self.package(features))}
         mask = kwargs.get("attention_mask")

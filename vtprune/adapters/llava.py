@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..probes import cls_logits, cls_row
+from ..probes import cls_logits, cls_row, global_importance
 from .base import Adapter, ImageTokens
 
 _NO_CLS_TOWERS = ("siglip_vision_model", "siglip2_vision_model")
@@ -36,7 +36,7 @@ def _vision_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 class LlavaAdapter(Adapter):
-    provides = ("cls_attention", "cls_logits", "grid")
+    provides = ("cls_attention", "cls_logits", "vflow_importance", "grid")
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -76,6 +76,9 @@ class LlavaAdapter(Adapter):
             if "cls_attention" in needs:
                 caps["cls_attention"] = stack.enter_context(
                     self.capture(self._cls_layer(args["vision_feature_layer"]), cls_row))
+            if "vflow_importance" in needs:  # VFlowOpt reads the layer that feeds the projector
+                caps["vflow_importance"] = stack.enter_context(
+                    self.capture(self._cls_layer(args["vision_feature_layer"]), global_importance))
             if "cls_logits" in needs:  # GlobalCom² reads the last ViT layer's logits, whatever feeds the projector
                 caps["cls_logits"] = stack.enter_context(self.capture(self._cls_layer(-1), cls_logits))
             out = self.base.get_image_features(pixel_values=kwargs["pixel_values"], **extra, **args, return_dict=True)
@@ -92,6 +95,7 @@ class LlavaAdapter(Adapter):
         extra = {"image_sizes": kwargs["image_sizes"]} if kwargs.get("image_sizes") is not None else {}
         out, cls, _ = self._run_tower(kwargs, needs, extra)
         feats = list(out.pooler_output)
+        extra_rows = {k: v for k, v in self._rows.items() if k != "cls_attention"}
         if cls is not None and (cls.shape[0] != len(feats) or any(f.shape[0] != cls.shape[1] for f in feats)):
             raise ValueError("fastervlm: [CLS] attention rows do not line up with the image features of this vision "
                              "tower (variable-size images?); use divprune, random or uniform")
@@ -103,12 +107,14 @@ class LlavaAdapter(Adapter):
             if cls is not None:
                 im.signals["cls_attention"] = cls[i]
                 im.signal_source = "cls_attention(ViT layer feeding the projector, head mean)"
+            for name, rows in extra_rows.items():
+                im.signals[name] = rows[i]
             images.append(im)
         return images
 
 
 class LlavaNextAdapter(LlavaAdapter):
-    provides = ("cls_attention", "cls_logits", "grid", "crop_ids", "coords")
+    provides = ("cls_attention", "cls_logits", "vflow_importance", "grid", "crop_ids", "coords")
 
     def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
