@@ -149,9 +149,12 @@ def test_select_tokens_runs_each_method():
     f = torch.randn(2, 16, 8)
     a = torch.rand(2, 16)
     for m in vtprune.list_methods():
-        idx = vtprune.select_tokens(m, f, keep=5, cls_attention=a, text_attention=a, grid=(4, 4))
+        idx = vtprune.select_tokens(m, f, keep=5, cls_attention=a, text_attention=a, vflow_importance=a, grid=(4, 4))
+        if m == "vflowopt":  # merging: (slots, tokens to inject there)
+            idx, toks = idx
+            assert toks.shape == (2, 5, 8)
         assert idx.shape == (2, 5) and idx.dtype == torch.long
-        if m == "atp":  # adaptive: fewer than keep allowed, padded with -1 at the end
+        if m in ("atp", "vflowopt"):  # adaptive: fewer than keep allowed, padded with -1 at the end
             for row in idx:
                 kept = row[row >= 0]
                 assert kept.numel() >= 1 and (row[kept.numel():] == -1).all() and (kept.diff() > 0).all()

@@ -25,6 +25,9 @@ SIGNALS: dict[str, str] = {
     "grid": "tuple (h, w) or list of (h, w) segments covering the N tokens in raster order",
     "crop_ids": "LongTensor[B, N]: sub-image id of every token",
     "seed": "int or LongTensor[B]: per-row seed for stochastic selectors",
+    "cls_logits": "FloatTensor[B, N]: head-mean pre-softmax [CLS] logits of the last ViT layer",
+    "coords": "FloatTensor[B, N, 2]: each token's patch-centre (y, x) in the whole image, in [0, 1)",
+    "vflow_importance": "FloatTensor[B, N]: attention received from the image's global tokens (VFlowOpt)",
 }
 
 
