@@ -149,7 +149,8 @@ def test_select_tokens_runs_each_method():
     f = torch.randn(2, 16, 8)
     a = torch.rand(2, 16)
     for m in vtprune.list_methods():
-        idx = vtprune.select_tokens(m, f, keep=5, cls_attention=a, text_attention=a, vflow_importance=a, grid=(4, 4))
+        idx = vtprune.select_tokens(m, f, keep=5, cls_attention=a, text_attention=a, vflow_importance=a, grid=(4, 4),
+                                    flow_stats=torch.rand(2, 3, 16))
         if m == "vflowopt":  # merging: (slots, tokens to inject there)
             idx, toks = idx
             assert toks.shape == (2, 5, 8)
@@ -195,5 +196,6 @@ def test_import_is_lean():
 def test_public_api_surface():
     assert set(vtprune.__all__) >= {"prune", "unprune", "is_pruned", "disabled", "last_report", "select_tokens",
                                     "list_methods", "supported_models", "PruneConfig"}
-    assert vtprune.list_methods() == ["atp", "divprune", "fastervlm", "fastv", "pdrop", "random", "uniform", "vflowopt"]
+    assert vtprune.list_methods() == ["atp", "divprune", "fastervlm", "fastv", "flowcut", "pdrop", "random", "uniform",
+                                      "vflowopt"]
     assert vtprune.supported_models() == ["internvl", "llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]

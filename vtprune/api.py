@@ -73,7 +73,7 @@ def prune(model: torch.nn.Module, config: PruneConfig | dict | None = None, *, m
     adapter = adapter_cls(model)
     config = config.resolved(len(adapter.decoder_layers()))
     state = _State(config=config, adapter=adapter)
-    if config.stages[0].where == "pre_llm":
+    if config.stages[0].before_llm:
         spec = get_selector(config.stages[0].method)
         adapter.check_method(spec)
         state.pre = (config.stages[0], spec)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 POSITIONS = ("preserve", "compact")
-STAGES = ("pre_llm", "llm:K")
+STAGES = ("vision", "pre_llm", "llm:K")
 
 
 def _is_int(v: Any) -> bool:
@@ -36,7 +36,13 @@ class StageSpec:
             return f"llm:{self.layer}"
         from .registry import get_selector
 
-        return "pre_llm" if "pre_llm" in get_selector(self.method).stages else "llm:auto"
+        stages = get_selector(self.method).stages
+        return "pre_llm" if "pre_llm" in stages else "vision" if "vision" in stages else "llm:auto"
+
+    @property
+    def before_llm(self) -> bool:
+        """pre_llm and vision stages fill the one slot before the language model."""
+        return self.where in ("pre_llm", "vision")
 
     def validate(self) -> None:
         from .registry import get_selector
@@ -63,7 +69,7 @@ class StageSpec:
         if self.layer is not None and (not _is_int(self.layer) or self.layer < 1):
             raise ValueError(f"layer must be an int ≥ 1 (the decoder layer from which only kept tokens are seen), got "
                              f"{self.layer!r}")
-        kind = "pre_llm" if self.where == "pre_llm" else "llm"
+        kind = self.where if self.before_llm else "llm"
         if kind not in spec.stages:
             raise ValueError(f"method {self.method!r} cannot run at stage {self.where!r}; it supports "
                              f"{', '.join('llm:K' if s == 'llm' else s for s in spec.stages)}")
@@ -119,14 +125,15 @@ class PruneConfig:
             if not isinstance(s, StageSpec):
                 raise ValueError(f"each stage must be a StageSpec (or a dict via PruneConfig.from_dict), got {s!r}")
             s.validate()
-        if sum(s.where == "pre_llm" for s in self.stages) > 1:
-            raise ValueError("at most one pre_llm stage (a stage without `layer`) is allowed")
-        if self.stages[0].where != "pre_llm" and any(s.where == "pre_llm" for s in self.stages):
+        if sum(s.before_llm for s in self.stages) > 1:
+            raise ValueError("at most one stage before the language model (pre_llm or vision: a stage without "
+                             "`layer`) is allowed")
+        if not self.stages[0].before_llm and any(s.before_llm for s in self.stages):
             raise ValueError("the pre_llm stage must come first in stages")
         layers = [s.layer for s in self.stages if s.layer is not None]
         if layers != sorted(set(layers)):
             raise ValueError(f"llm stages must have strictly increasing layers, got {layers}")
-        if self.positions != "preserve" and any(s.where != "pre_llm" for s in self.stages):
+        if self.positions != "preserve" and any(not s.before_llm for s in self.stages):
             raise ValueError("positions='compact' applies to the pre_llm stage only; in-LLM stages keep positions "
                              "(use positions='preserve')")
         if self.positions not in POSITIONS:

@@ -17,7 +17,7 @@ import torch
 
 PREFIX = "vtprune_probe+"
 
-# module -> reducer(query, key, attention_mask, scaling, kwargs) -> Tensor; results appended per call
+# module -> reducer(query, key, value, attention_mask, scaling, kwargs) -> Tensor; results appended per call
 _ARMED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -53,14 +53,14 @@ def _segments(query: torch.Tensor, kwargs: dict[str, Any]) -> list[tuple[int, in
     return list(zip(cu[:-1], cu[1:]))
 
 
-def cls_row(query, key, attention_mask, scaling, kwargs) -> torch.Tensor:
+def cls_row(query, key, value, attention_mask, scaling, kwargs) -> torch.Tensor:
     """Head-mean attention of query 0 ([CLS]) over all keys: [B, L]."""
     mask = attention_mask[:, :, :1, : key.shape[-2]] if attention_mask is not None and attention_mask.dim() == 4 \
         else None
     return _probs(query[:, :, :1], key, scaling, mask)[:, :, 0].mean(1)
 
 
-def cls_logits(query, key, attention_mask, scaling, kwargs) -> torch.Tensor:
+def cls_logits(query, key, value, attention_mask, scaling, kwargs) -> torch.Tensor:
     """Head-mean pre-softmax scaled logits of query 0 ([CLS]) over all keys: [B, L] (GlobalCom² uses logits)."""
     q, k = query[:, :, :1].float(), key.float()
     if k.shape[1] != q.shape[1]:
@@ -68,7 +68,7 @@ def cls_logits(query, key, attention_mask, scaling, kwargs) -> torch.Tensor:
     return (torch.matmul(q, k.transpose(-1, -2)) * scaling)[:, :, 0].mean(1)
 
 
-def global_importance(query, key, attention_mask, scaling, kwargs, t: float = 30.0) -> torch.Tensor:
+def global_importance(query, key, value, attention_mask, scaling, kwargs, t: float = 30.0) -> torch.Tensor:
     """VFlowOpt's importance map: attention each token receives from the "global" tokens — those receiving more than
     ``t`` × the mean received attention — head mean; all queries when no token qualifies. [B, L] per segment."""
     out = torch.zeros(query.shape[0], query.shape[2], dtype=torch.float32, device=query.device)
@@ -82,7 +82,7 @@ def global_importance(query, key, attention_mask, scaling, kwargs, t: float = 30
     return out
 
 
-def received_attention(query, key, attention_mask, scaling, kwargs, block: int = 1024) -> torch.Tensor:
+def received_attention(query, key, value, attention_mask, scaling, kwargs, block: int = 1024) -> torch.Tensor:
     """Head-mean attention each token receives, averaged over all queries of its own sequence: [B, L].
 
     Streams over query blocks so memory stays O(H·block·L); packed varlen segments are scored separately.
@@ -105,7 +105,7 @@ def _make_probe(base: str) -> Callable:
         armed = _ARMED.get(module)
         if armed is not None:
             reducer, results = armed
-            results.append(reducer(query, key, attention_mask, kwargs.get("scaling", query.shape[-1] ** -0.5),
+            results.append(reducer(query, key, value, attention_mask, kwargs.get("scaling", query.shape[-1] ** -0.5),
                                    kwargs))
         return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
 
@@ -147,8 +147,20 @@ class Capture:
         _ARMED.pop(self.module, None)
 
 
-def last_row(query, key, attention_mask, scaling, kwargs) -> torch.Tensor:
+def last_row(query, key, value, attention_mask, scaling, kwargs) -> torch.Tensor:
     """Head-mean attention of the last query (the last prompt token under left padding) over all keys: [B, L]."""
     mask = attention_mask[:, :, -1:, : key.shape[-2]] if attention_mask is not None and attention_mask.dim() == 4 \
         else None
     return _probs(query[:, :, -1:], key, scaling, mask)[:, :, 0].mean(1)
+
+
+def flow_stats(query, key, value, attention_mask, scaling, kwargs) -> torch.Tensor:
+    """FlowCut's per-token statistics from one attention call: [B, 3, L] =
+    ([CLS]→token attention, head mean; per-head softmax of v_CLS·v_j (unscaled), head mean; ‖mean_h v_j‖₁)."""
+    a = _probs(query[:, :, :1], key, scaling, None)[:, :, 0].mean(1)
+    v = value.float()
+    if v.shape[1] != query.shape[1]:
+        v = v.repeat_interleave(query.shape[1] // v.shape[1], dim=1)
+    sem = torch.softmax(torch.matmul(v[:, :, :1], v.transpose(-1, -2))[:, :, 0], dim=-1).mean(1)
+    norm = v.mean(1).abs().sum(-1)
+    return torch.stack([a, sem, norm], 1)

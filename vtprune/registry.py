@@ -18,6 +18,7 @@ _SELECTORS: dict[str, str] = {
     "pdrop": "vtprune.selectors.pdrop:SPEC",
     "atp": "vtprune.selectors.atp:SPEC",
     "vflowopt": "vtprune.selectors.vflowopt:SPEC",
+    "flowcut": "vtprune.selectors.flowcut:SPEC",
 }
 
 # HF model_type -> "module:attribute" of an adapter class

@@ -50,6 +50,7 @@ class ImageTokens:
     grid: Any = None
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     signal_source: str = ""
+    kept: torch.Tensor | None = None  # set when the tokens were already chosen inside the encoder (vision stage)
 
 
 class Adapter:
@@ -89,7 +90,7 @@ class Adapter:
 
         Only the vision sub-config's implementation changes, to a wrapper that calls the same implementation.
         """
-        if needs & {"cls_attention", "cls_logits", "vflow_importance"}:
+        if needs & {"cls_attention", "cls_logits", "vflow_importance", "flow_stats"}:
             self._saved_impl = self.model.config.vision_config._attn_implementation
             self.model.set_attn_implementation({"vision_config": probe_name(self._saved_impl or "sdpa")})
 
@@ -113,6 +114,11 @@ class Adapter:
 
     def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
         raise NotImplementedError
+
+    def encode_vision(self, kwargs: dict[str, Any], stage: StageSpec, spec: SelectorSpec) -> list[ImageTokens]:
+        """Run the vision encoder with pruning inside it; images come back with ``kept`` set."""
+        raise ValueError(f"method {spec.name!r} prunes inside the vision encoder, which vtprune supports for LLaVA-1.5 "
+                         f"(llava) so far, not {self.model.config.model_type!r}; use a pre_llm method instead")
 
     def package(self, features: list[torch.Tensor]) -> Any:
         """Kept features per image -> the ``pooler_output`` this family's forward expects (a list by default)."""
@@ -160,7 +166,10 @@ class Adapter:
         if input_ids is None:
             raise ValueError("vtprune needs input_ids to find the image placeholders (got inputs_embeds); pass "
                              "input_ids, or run this call inside `with vtprune.disabled(model):`")
-        images = self.encode(kwargs, set(spec.requires) | set(spec.optional))
+        if stage.where == "vision":
+            images = self.encode_vision(kwargs, stage, spec)
+        else:
+            images = self.encode(kwargs, set(spec.requires) | set(spec.optional))
         owner = self._assign(input_ids, images)
         kept_idx, report, overrides = self._select(images, owner, stage, spec, config)
         new_kwargs = self._rewrite(kwargs, images, owner, kept_idx, config, generate, report, overrides)
@@ -213,6 +222,10 @@ class Adapter:
         overrides: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         timers: dict[int, tuple[Timer, int]] = {}
         for (m, k, _), idxs in groups.items():
+            if images[idxs[0]].kept is not None:  # chosen inside the encoder already
+                for i in idxs:
+                    kept[i] = images[i].kept
+                continue
             if k >= m:  # nothing to drop in these images
                 for i in idxs:
                     kept[i] = torch.cat([cand[i], forced[i]]).sort().values

@@ -28,6 +28,7 @@ SIGNALS: dict[str, str] = {
     "cls_logits": "FloatTensor[B, N]: head-mean pre-softmax [CLS] logits of the last ViT layer",
     "coords": "FloatTensor[B, N, 2]: each token's patch-centre (y, x) in the whole image, in [0, 1)",
     "vflow_importance": "FloatTensor[B, N]: attention received from the image's global tokens (VFlowOpt)",
+    "flow_stats": "FloatTensor[B, 3, N]: [CLS] attention, [CLS]-value softmax and value L1 norm (FlowCut)",
 }
 
 

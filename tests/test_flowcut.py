@@ -1,0 +1,109 @@
+"""FlowCut inside the vision encoder: exactly `keep` patches reach the projector, and the pruned tower equals a
+test-side encoder loop that computes the same statistics by hand and drops the same tokens."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import vtprune
+from vtprune.selectors.flowcut import cut_amount
+from vtprune.testing import tiny_image, tiny_llava
+
+
+def _model():
+    return tiny_llava("llava", vision_layers=5)  # features read at layer 3: pruning after layers 0..2
+
+
+def _hand_loop(model, pixel_values, target):
+    """CLIP encoder run by hand: eager statistics per layer, FlowCut schedule, [CLS] kept in front."""
+    vt = model.model.vision_tower
+    layers = vt.encoder.layers
+    read = len(layers) - 2
+    h = vt.pre_layrnorm(vt.embeddings(pixel_values))
+    idx = torch.arange(h.shape[1] - 1)
+    cum = None
+    for i in range(read + 1):
+        attn = layers[i].self_attn
+        x = layers[i].layer_norm1(h)
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, attn.num_heads, -1).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, attn.num_heads, -1).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, attn.num_heads, -1).transpose(1, 2)
+        h = layers[i](h, None)
+        if i == read:
+            break
+        a = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2) * attn.scale, -1)[:, :, 0].mean(1)[:, 1:]
+        s = torch.softmax((v[:, :, :1] @ v.transpose(-1, -2))[:, :, 0], -1).mean(1)[:, 1:]
+        nrm = v.mean(1).abs().sum(-1)[:, 1:]
+        f = (a / a.sum() + s / s.sum()) * nrm
+        n_cur = a.shape[1]
+        if n_cur <= target:
+            continue
+        cum = f if cum is None else 0.5 * cum + 0.5 * f
+        rho = (read - 1) - i
+        if rho % 2:
+            continue
+        if rho > 0:
+            p = a / a.sum()
+            ent = float(-(p * p.log()).sum())
+            amount = round((n_cur - target) / math.sqrt(rho) * (1 - (ent / math.log(n_cur)) ** 2))
+            new = max(n_cur - amount, target)
+        else:
+            new = target
+        keep = torch.sort(cum[0], descending=True, stable=True).indices[:new].sort().values
+        h = torch.cat([h[:, :1], h[:, 1:][:, keep]], 1)
+        cum, idx = cum[:, keep], idx[keep]
+    return model.model.multi_modal_projector(h[:, 1:]), idx
+
+
+def test_flowcut_equals_a_test_side_encoder_loop_and_keeps_exactly_keep():
+    model, proc = _model()
+    imgs = [tiny_image(60, 60, seed=s) for s in (0, 1)]
+    inputs = proc(images=imgs, text=["USER: <image>\nwhat? ASSISTANT:"] * 2, return_tensors="pt", padding=True)
+    seen = []
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: seen.append(o))
+    vtprune.prune(model, method="flowcut", keep=5)
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    rep = vtprune.last_report(model)
+    assert [im.n_after for im in rep.images] == [5, 5] and rep.stage == "vision"
+    with torch.no_grad():
+        for b in range(2):
+            feats, idx = _hand_loop(model, inputs["pixel_values"][b:b + 1], 5)
+            assert torch.equal(rep.images[b].kept, idx)
+            torch.testing.assert_close(seen[b][0], feats[0], rtol=0, atol=1e-5)
+            # the tower really ran on fewer tokens: features differ from the unpruned tower's at the same indices
+            with vtprune.disabled(model):
+                full = model.model.get_image_features(pixel_values=inputs["pixel_values"][b:b + 1]).pooler_output[0]
+            assert not torch.allclose(full[idx], feats[0], atol=1e-4)
+
+
+def test_flowcut_generate_cache_parity_and_batch_equals_single():
+    model, proc = _model()
+    imgs = [tiny_image(60, 60, seed=s) for s in (3, 4)]
+    texts = ["USER: <image>\nwhat colour? ASSISTANT:", "USER: <image>\nhow many shapes are there? ASSISTANT:"]
+    vtprune.prune(model, method="flowcut", keep=4)
+    kw = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
+              suppress_tokens=[model.config.image_token_id, 2])
+    with torch.no_grad():
+        both = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
+        a = model.generate(**both, **kw)
+        b = model.generate(**both, use_cache=False, **kw)
+        torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=0, atol=1e-5)
+        for s in range(2):
+            one = model.generate(**proc(images=imgs[s:s + 1], text=texts[s:s + 1], return_tensors="pt"), **kw)
+            torch.testing.assert_close(torch.stack(a.logits)[:, s], torch.stack(one.logits)[:, 0], rtol=0,
+                                       atol=1e-5)
+
+
+def test_cut_amount_schedule():
+    uniform = torch.full((1, 100), 0.01)
+    assert cut_amount(uniform, 10, 4) == 0  # maximal entropy: nothing removed before the last step
+    peaked = torch.full((1, 100), 1e-6)
+    peaked[0, 3] = 1.0
+    assert cut_amount(peaked, 10, 4) <= round(90 / 2)
+    assert cut_amount(peaked, 10, 4) > 0
+    assert cut_amount(uniform, 10, 0) == 90  # last pruning layer: straight to the target

@@ -1,0 +1,55 @@
+"""FlowCut (NeurIPS'25, arXiv 2505.19536): information-flow pruning progressively *inside the vision encoder*,
+implemented from SELECTORS.md §6.5.
+
+At every ViT layer i before the one whose output feeds the projector, each patch gets
+``f = (a/Σa + s/Σs) · ‖v̄‖₁`` (a: [CLS]→patch attention; s: softmax of the [CLS] value against every value;
+v̄: the patch's value averaged over heads), accumulated as ``c ← 0.5·c + 0.5·f``. When the remaining number of
+pruning layers ρ_i is even, the encoder drops ``round((N_i − T)/√ρ_i · (1 − (E/E_max)²))`` patches (E: entropy of
+the renormalised [CLS] attention; the batch uses the largest amount), and at ρ_i = 0 it cuts to exactly T. [CLS]
+stays in front; kept patches stay in ascending order. Later layers therefore run on fewer tokens, and exactly
+``keep`` patches reach the projector. The encoder-side loop lives with the adapters (they know the tower); this
+file holds the arithmetic, so it is testable alone.
+
+``select_tokens("flowcut", ...)`` runs one step of the score on given statistics (``flow_stats[B, 3, N]``), which is
+what a single-layer FlowCut would keep; the real method needs the encoder (``vtprune.prune(model, method=
+"flowcut", keep=...)``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import SelectorSpec, check_inputs, check_signal, topk_sorted
+
+
+def flow_score(stats: torch.Tensor) -> torch.Tensor:
+    """stats [B, 3, N] (attention, semantic, value norm) over patches -> f [B, N]."""
+    a, s, n = stats[:, 0].float(), stats[:, 1].float(), stats[:, 2].float()
+    return (a / a.sum(-1, keepdim=True).clamp(min=1e-12) + s / s.sum(-1, keepdim=True).clamp(min=1e-12)) * n
+
+
+def cut_amount(attention: torch.Tensor, target: int, rho: int) -> int:
+    """Patches to drop after a layer with ``rho`` pruning layers left (even ρ only); attention [B, N] over patches."""
+    n = attention.shape[-1]
+    if rho <= 0:
+        return max(0, n - target)
+    p = attention.float() / attention.float().sum(-1, keepdim=True).clamp(min=1e-12)
+    ent = -(p * p.clamp(min=1e-12).log()).sum(-1)
+    e_max = math.log(n) if n > 1 else 1.0
+    amount = (n - target) / math.sqrt(rho) * (1 - (ent / e_max) ** 2)
+    return int(torch.round(amount).clamp(min=0).max())  # one common amount keeps the batch rectangular
+
+
+def flowcut_select(features: torch.Tensor, keep: int, *, valid_mask: torch.Tensor | None = None,
+                   flow_stats: torch.Tensor | None = None, **signals) -> torch.Tensor:
+    """One-layer form: features [B, N, D], flow_stats [B, 3, N] -> LongTensor[B, keep], top-k of f, ascending."""
+    check_inputs("flowcut", features, keep, valid_mask)
+    check_signal("flowcut", "flow_stats", flow_stats, (features.shape[0], 3, features.shape[1]))
+    return topk_sorted(flow_score(flow_stats), keep, valid_mask).to(features.device)
+
+
+SPEC = SelectorSpec(name="flowcut", fn=flowcut_select, requires=("flow_stats",), stages=("vision",),
+                    options={"decay": 0.5}, newlines="keep",
+                    description="FlowCut: progressive information-flow pruning inside the vision encoder")
