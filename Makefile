@@ -1,5 +1,6 @@
 # `make demo` and `make test` build a project-local .venv on first use (torch pinned by constraints.txt,
-# torchvision removed: it breaks transformers' image processors on CPU-only machines).
+# torchvision removed: it breaks transformers' image processors on CPU-only machines). The `eval` extra
+# (lmms-eval, ~1.2 GB) is installed too: the test-suite runs the real lmms-eval CLI.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,9 +13,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev]"
-	-$(BIN)/pip uninstall -y -q torchvision 2>/dev/null
-	$(BIN)/python -c "import importlib.util, torch; assert importlib.util.find_spec('torchvision') is None; print('env ok: torch', torch.__version__)"
+	$(PIP) -e ".[dev,eval]"
+	# lmms-eval pulls torchvision (CUDA-only build here) and timm (imports torchvision): both must go
+	-$(BIN)/pip uninstall -y -q torchvision timm 2>/dev/null
+	$(BIN)/python -c "import importlib.util as u, torch; assert u.find_spec('torchvision') is None; assert torch.__version__ == '2.13.0+cpu', torch.__version__; print('env ok: torch', torch.__version__)"
 	touch $(STAMP)
 
 env: $(STAMP)
