@@ -69,7 +69,7 @@ def test_importance_probe_equals_eager_attention():
     torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl"])
 def test_pipeline_batch_equals_single_and_cache_parity(family):
     model, _ = model_and_processor(family)
     vtprune.prune(model, method="vflowopt", keep=6)
@@ -88,9 +88,18 @@ def test_pipeline_batch_equals_single_and_cache_parity(family):
                                        atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "internvl"])
-def test_families_without_the_signal_fail_fast(family):
-    model, _ = model_and_processor(family)
-    with pytest.raises(ValueError, match="vflow_importance"):
-        vtprune.prune(model, method="vflowopt", keep=6)
-    assert not vtprune.is_pruned(model)
+def test_two_signals_read_from_one_vit_layer_in_one_pass():
+    model, _ = model_and_processor("qwen2_5_vl")
+    inputs = batch("qwen2_5_vl", [0])
+    vtprune.prune(model, method="vflowopt", keep=6)
+    adapter = model._vtprune_state.adapter
+    with torch.no_grad():
+        both = adapter.encode(dict(inputs), {"vflow_importance"})
+    vtprune.unprune(model)
+    vtprune.prune(model, method="fastervlm", keep=6)  # the same block, the other reducer, armed together below
+    adapter = model._vtprune_state.adapter
+    with torch.no_grad():
+        two = adapter.encode(dict(inputs), {"vflow_importance", "cls_attention"})
+    torch.testing.assert_close(two[0].signals["vflow_importance"], both[0].signals["vflow_importance"], rtol=0,
+                               atol=0)
+    assert two[0].signals["cls_attention"].shape == both[0].signals["vflow_importance"].shape

@@ -31,10 +31,11 @@ import torch
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_MODELS: tuple[str, ...] = ("llava", "qwen2_vl")
 
-#: prompt of one question for each family (the format the models were trained on)
+#: prompt of one question for each family (the format the models were trained on); the answer follows directly
+#: (no leading space, so the first generated token already tells the answers of a question type apart)
 PROMPTS: dict[str, str] = {
     "llava": "USER: <image>\n{q} ASSISTANT:",
-    "qwen2_vl": "<|im_start|>user <|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|><|im_start|>assistant",
+    "qwen2_vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n",
 }
 #: image side in pixels each model was trained at (give it pictures of this size)
 IMAGE_SIZE: dict[str, int] = {"llava": 224, "qwen2_vl": 448}

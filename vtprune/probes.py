@@ -102,9 +102,7 @@ def received_attention(query, key, value, attention_mask, scaling, kwargs, block
 
 def _make_probe(base: str) -> Callable:
     def probe(module, query, key, value, attention_mask, *args, **kwargs):
-        armed = _ARMED.get(module)
-        if armed is not None:
-            reducer, results = armed
+        for reducer, results in _ARMED.get(module, ()):
             results.append(reducer(query, key, value, attention_mask, kwargs.get("scaling", query.shape[-1] ** -0.5),
                                    kwargs))
         return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
@@ -140,11 +138,16 @@ class Capture:
         self.results: list[torch.Tensor] = []
 
     def __enter__(self) -> Capture:
-        _ARMED[self.module] = (self.reducer, self.results)
+        self._entry = (self.reducer, self.results)
+        _ARMED.setdefault(self.module, []).append(self._entry)  # several signals may read one layer
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _ARMED.pop(self.module, None)
+        armed = _ARMED.get(self.module, [])
+        if self._entry in armed:
+            armed.remove(self._entry)
+        if not armed:
+            _ARMED.pop(self.module, None)
 
 
 def last_row(query, key, value, attention_mask, scaling, kwargs) -> torch.Tensor:

@@ -12,16 +12,17 @@ is read by running the model's own ``pixel_shuffle`` on patch indices, so it can
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
-from ..probes import cls_row
+from ..probes import cls_row, global_importance
 from .base import Adapter, ImageTokens
 
 
 class InternVLAdapter(Adapter):
-    provides = ("cls_attention", "grid", "crop_ids")
+    provides = ("cls_attention", "vflow_importance", "grid", "crop_ids")
     encoder_keys = ("pixel_values",)
 
     def __init__(self, model: torch.nn.Module):
@@ -62,15 +63,16 @@ class InternVLAdapter(Adapter):
         strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
         args = {"vision_feature_layer": layer, "vision_feature_select_strategy": strategy}
         pv = kwargs["pixel_values"]
-        if "cls_attention" in needs:
-            if strategy != "default" or isinstance(layer, (list, tuple)):
-                raise ValueError("fastervlm on InternVL needs vision_feature_select_strategy='default' and a single "
-                                 f"vision_feature_layer, got {strategy!r} / {layer!r}")
-            with self.capture(self._cls_layer(layer), cls_row) as cap:
-                out = self.base.get_image_features(pixel_values=pv, return_dict=True, **args)
-            cls = torch.cat(self.captured(cap))[:, 1:]  # [tiles, patches], [CLS] column dropped
-        else:
+        reducers = {name: fn for name, fn in (("cls_attention", cls_row), ("vflow_importance", global_importance))
+                    if name in needs}
+        if reducers and (strategy != "default" or isinstance(layer, (list, tuple))):
+            raise ValueError(f"{sorted(reducers)} on InternVL need vision_feature_select_strategy='default' and a "
+                             f"single vision_feature_layer, got {strategy!r} / {layer!r}")
+        with contextlib.ExitStack() as stack:
+            caps = {name: stack.enter_context(self.capture(self._cls_layer(layer), fn))
+                    for name, fn in reducers.items()}
             out = self.base.get_image_features(pixel_values=pv, return_dict=True, **args)
+        per_patch = {name: torch.cat(self.captured(cap))[:, 1:] for name, cap in caps.items()}  # [CLS] dropped
         feats = out.pooler_output  # [tiles, tokens per tile, D]
         per_tile = feats.shape[1]
         tiles = self._tiles_per_image(kwargs["input_ids"], per_tile)
@@ -78,16 +80,18 @@ class InternVLAdapter(Adapter):
             raise ValueError(f"the prompts' placeholder runs hold {sum(tiles)} tiles but pixel_values has "
                              f"{feats.shape[0]}; each image needs its own placeholder run from the processor")
         side = int(round(per_tile ** 0.5))
-        if "cls_attention" in needs:
-            src = self._shuffle_groups(cls.shape[1]).to(cls.device)  # [tokens per tile, 4] source patches
-            token_score = cls[:, src].sum(-1)  # [tiles, tokens per tile]
+        scores = {}
+        for name, rows in per_patch.items():  # [tiles, patches] -> [tiles, tokens per tile]: a token sums its block
+            src = self._shuffle_groups(rows.shape[1]).to(rows.device)  # [tokens per tile, 4] source patches
+            scores[name] = rows[:, src].sum(-1)
         images, start = [], 0
         for n in tiles:
             im = ImageTokens(features=feats[start:start + n].flatten(0, 1), grid=[(side, side)] * n)
             if n > 1:  # tiles are the crops of a holistic budget (a one-tile image is split spatially instead)
                 im.signals["crop_ids"] = torch.arange(n, device=feats.device).repeat_interleave(per_tile)
-            if "cls_attention" in needs:
-                im.signals["cls_attention"] = token_score[start:start + n].flatten()
+            for name, score in scores.items():
+                im.signals[name] = score[start:start + n].flatten()
+            if "cls_attention" in scores:
                 im.signal_source = "cls_attention(InternViT [CLS] row, summed over each pixel-shuffled 2x2 block)"
             start += n
             images.append(im)

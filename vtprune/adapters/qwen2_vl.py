@@ -14,11 +14,12 @@ undoes it for the features. This is not FasterVLM's signal, and the report says 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
-from ..probes import received_attention
+from ..probes import global_importance, received_attention
 from .base import Adapter, ImageTokens
 
 SIGNAL = ("received attention (mean over queries, head mean) of ViT block {k}, summed over each 2x2 merge window; "
@@ -26,7 +27,7 @@ SIGNAL = ("received attention (mean over queries, head mean) of ViT block {k}, s
 
 
 class Qwen2VLAdapter(Adapter):
-    provides = ("cls_attention", "grid")
+    provides = ("cls_attention", "vflow_importance", "grid")
     encoder_keys = ("pixel_values", "image_grid_thw")
 
     def __init__(self, model: torch.nn.Module):
@@ -50,11 +51,17 @@ class Qwen2VLAdapter(Adapter):
                              "(t = 1) only")
         merge = self.model.config.vision_config.spatial_merge_size
         pv = kwargs["pixel_values"]
-        if "cls_attention" in needs:
-            k = self._score_block()
-            with self.capture(self.base.visual.blocks[k].attn, received_attention) as cap:
-                out = self.base.get_image_features(pv, grid, return_dict=True)
-            # per-call results (one call per image on SDPA/eager, one packed call on flash) in processing order
+        k = self._score_block()
+        reducers = {name: fn for name, fn in (("cls_attention", received_attention),
+                                              ("vflow_importance", global_importance)) if name in needs}
+        with contextlib.ExitStack() as stack:
+            caps = {name: stack.enter_context(self.capture(self.base.visual.blocks[k].attn, fn))
+                    for name, fn in reducers.items()}
+            out = self.base.get_image_features(pv, grid, return_dict=True)
+        units = {}
+        for name, cap in caps.items():
+            # per-call results (one call per image on SDPA/eager, one packed call on flash) in processing order;
+            # one LLM token = the 2x2 merge window of consecutive patches: scores add up
             patch = torch.cat([r.flatten() for r in self.captured(cap)])
             unit = patch.view(-1, merge * merge).sum(1)
             if hasattr(self.base.visual, "fullatt_block_indexes"):  # Qwen2.5-VL: undo the window reorder
@@ -64,14 +71,14 @@ class Qwen2VLAdapter(Adapter):
                 window_index, _ = get_vision_window_index(grid, spatial_merge_size=merge, window_size=vc.window_size,
                                                           patch_size=vc.patch_size)
                 unit = unit[torch.argsort(window_index.to(unit.device))]
-        else:
-            out = self.base.get_image_features(pv, grid, return_dict=True)
+            units[name] = unit
         feats = list(out.pooler_output)
         images, start = [], 0
         for f, (_, h, w) in zip(feats, grid.tolist()):
             im = ImageTokens(features=f, grid=(h // merge, w // merge))
-            if "cls_attention" in needs:
-                im.signals["cls_attention"] = unit[start:start + f.shape[0]]
+            for name, unit in units.items():
+                im.signals[name] = unit[start:start + f.shape[0]]
+            if "cls_attention" in units:
                 im.signal_source = SIGNAL.format(k=k)
             start += f.shape[0]
             images.append(im)
