@@ -22,6 +22,9 @@ INTERNVL_SPECIALS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
 
 @functools.cache
 def _tokenizer_dir(family: str = "llava") -> str:
+    import atexit
+    import os
+    import shutil
     import tempfile
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -42,8 +45,10 @@ def _tokenizer_dir(family: str = "llava") -> str:
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                   extra_special_tokens=named)
     tok.padding_side = "left"
-    d = tempfile.mkdtemp(prefix="vtprune_tok_")
+    # one directory per process and family: reloading through save_pretrained gives the class users get
+    d = os.path.join(tempfile.gettempdir(), f"vtprune_tok_{family}_{os.getpid()}")
     tok.save_pretrained(d)
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     return d
 
 
