@@ -17,9 +17,10 @@ from tests.families import (
     vision_impl,
 )
 
-METHODS = ["fastervlm", "divprune", "random", "uniform"]
+METHODS = ["fastervlm", "divprune", "random", "uniform", "holov"]
 KEEP = 6
-CASES = [(f, m) for f in FAMILIES for m in METHODS]
+# globalcom2 needs a thumbnail + crops layout: LLaVA-NeXT (elsewhere prune() refuses it, see test_api)
+CASES = [(f, m) for f in FAMILIES for m in METHODS] + [("llava_next", "globalcom2")]
 
 
 def _suppressed(model) -> list[int]:

@@ -19,6 +19,8 @@ _SELECTORS: dict[str, str] = {
     "atp": "vtprune.selectors.atp:SPEC",
     "vflowopt": "vtprune.selectors.vflowopt:SPEC",
     "flowcut": "vtprune.selectors.flowcut:SPEC",
+    "holov": "vtprune.selectors.holov:SPEC",
+    "globalcom2": "vtprune.selectors.globalcom2:SPEC",
 }
 
 # HF model_type -> "module:attribute" of an adapter class

@@ -129,7 +129,7 @@ def _check_tau(tau: Any) -> None:
 
 
 def _no_crops_error() -> ValueError:
-    return ValueError(f"{NAME} needs a multi-crop input (LLaVA-NeXT AnyRes or InternVL tiles): a thumbnail "
+    return ValueError(f"{NAME} needs a multi-crop input (LLaVA-NeXT AnyRes base + crops): a thumbnail "
                       f"(crop_ids == 0) plus at least one crop (crop_ids >= 1); this image has no crops. For a "
                       f"single image use holov or fastervlm.")
 

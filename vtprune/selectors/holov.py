@@ -306,6 +306,10 @@ def holov_plan(
         :class:`HolovPlan`. ``H_i = 1000·A_i + α·γ_c·V_i`` with ``γ_c = mean|1000·A| / (mean|V| + ε)`` over the crop;
         ``w_c ∝ max(mean_{i∈c} H_i, 0)`` (uniform if all are zero; ``H >= 0`` for attention probabilities, so the
         clamp only matters for signed inputs); quotas from :func:`holov_allocation`.
+
+    Note: ``γ_c`` is per crop, so the diversity term adds about ``α·mean(1000·A_c)`` to every crop's mean and the
+    weights stay close to the crops' mean attention; ``V`` mainly reorders tokens inside a crop
+    (``within="holistic"``) and only shifts weights for crops with almost no diversity (``mean V ≲ ε``).
     """
     n = features.shape[0]
     dev = features.device
