@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--out", type=Path, default=Path("demo_out"))
     d.add_argument("--family", default="llava", choices=sorted(DESCRIPTION), help="model family of the demo model")
     d.add_argument("--budgets", default=None, help="comma-separated visual tokens per image (default per family)")
-    d.add_argument("--methods", default="fastervlm,divprune,uniform,random,fastv")
+    d.add_argument("--methods", default="fastervlm,divprune,holov,vflowopt,uniform,random,fastv")
     d.add_argument("--repeats", type=int, default=3)
     v = sub.add_parser("viz", help="picture of the tokens a method keeps on your image")
     v.add_argument("image", type=Path)
