@@ -90,3 +90,10 @@ def compact_positions(family: str, kept_mask):
 
 def vision_impl(model) -> str:
     return model.config.vision_config._attn_implementation
+
+
+def eager_vision_copy(model):
+    """A copy of ``model`` whose vision tower runs eager attention (the reference for attention probes)."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation({"vision_config": "eager"})
+    return eager

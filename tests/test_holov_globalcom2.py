@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from tests.test_selectors import FLOAT_DTYPES, assert_contract  # one contract check for every selector
 from vtprune.selectors.base import SelectorSpec
 from vtprune.selectors.globalcom2 import (
     SPEC as GLOBALCOM2_SPEC,
@@ -28,17 +29,6 @@ from vtprune.selectors.holov import (
     holov_select,
     tile_shape,
 )
-
-FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-
-def assert_contract(idx: torch.Tensor, b: int, n: int, keep: int, valid: torch.Tensor | None = None) -> None:
-    assert idx.dtype == torch.long, idx.dtype
-    assert tuple(idx.shape) == (b, keep), (tuple(idx.shape), (b, keep))
-    assert bool((idx[:, 1:] > idx[:, :-1]).all()), f"not strictly ascending (sorted + unique): {idx}"
-    assert int(idx.min()) >= 0 and int(idx.max()) < n, idx
-    if valid is not None:
-        assert bool(valid.gather(1, idx).all()), "an invalid token was chosen"
 
 
 def row_signals(signals: dict, r: int) -> dict:

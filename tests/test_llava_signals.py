@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 import vtprune
-from tests.families import batch, model_and_processor
+from tests.families import batch, eager_vision_copy, model_and_processor
 from vtprune.adapters.llava import LlavaNextAdapter
 
 
 def _eager_cls(model, inputs, **extra):
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation({"vision_config": "eager"})
+    eager = eager_vision_copy(model)
     with torch.no_grad():
         out = eager.model.get_image_features(pixel_values=inputs["pixel_values"], output_attentions=True,
                                              return_dict=True, vision_feature_layer=-2,

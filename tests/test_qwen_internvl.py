@@ -9,7 +9,7 @@ import torch
 from transformers import AttentionInterface
 
 import vtprune
-from tests.families import batch, model_and_processor, prompt
+from tests.families import batch, eager_vision_copy, model_and_processor, prompt
 from vtprune.testing import tiny_image
 
 
@@ -107,8 +107,7 @@ def test_qwen_received_attention_equals_eager(family):
 def test_internvl_cls_probe_equals_eager_and_shuffle_groups():
     model, _ = model_and_processor("internvl")
     inputs = batch("internvl", [0, 1])
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation({"vision_config": "eager"})
+    eager = eager_vision_copy(model)
     with torch.no_grad():
         out = eager.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True)
         cls = out.attentions[-1][:, :, 0, 1:].mean(1)  # [tiles, 16]

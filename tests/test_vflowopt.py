@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 import vtprune
-from tests.families import batch, model_and_processor
+from tests.families import batch, eager_vision_copy, model_and_processor
 from vtprune.selectors.vflowopt import _cells, vflowopt_select
 
 
@@ -51,8 +49,7 @@ def test_small_budget_falls_back_to_top_k_and_keep_all_is_identity():
 def test_importance_probe_equals_eager_attention():
     model, _ = model_and_processor("llava")
     inputs = batch("llava", [0, 1])
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation({"vision_config": "eager"})
+    eager = eager_vision_copy(model)
     with torch.no_grad():
         att = eager.model.get_image_features(pixel_values=inputs["pixel_values"], output_attentions=True,
                                              return_dict=True, vision_feature_layer=-2,
