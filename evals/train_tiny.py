@@ -1,0 +1,394 @@
+"""Train the shipped demo models from scratch on the synthetic visual-QA task (``evals/synth_vqa.py``).
+
+    python evals/train_tiny.py --family llava    --seed 0 --out vtprune/assets/llava
+    python evals/train_tiny.py --family qwen2_vl --seed 0 --out vtprune/assets/qwen2_vl
+
+Real transformers classes, random init from a config (``vtprune.testing`` builders): ``LlavaForConditionalGeneration``
+(CLIP-style ViT with [CLS], 224 px / patch 14 -> 256 visual tokens, MLP projector, Llama) and
+``Qwen2VLForConditionalGeneration`` (Qwen2-VL ViT, 448 px / patch 14 / 2x2 merge -> 256 visual tokens, M-RoPE).
+
+Recipe: a pool of training scenes is rendered once and kept as uint8 tensors; each training sequence is one image
+followed by one question of every type in random order as a multi-turn chat (questions re-drawn on every visit),
+so the first turn is exactly the one-question prompt used at test time; the loss covers only the answer tokens
+(and their end-of-sequence token). AdamW, linear warm-up then cosine decay. Pixels are normalised / patchified
+in torch exactly as the processor does (checked at start-up against the processor), and the prompt token ids are
+checked against the processor's. At the end the held-out accuracy per question type is measured with the real
+processor and ``generate`` (``vtprune.demo_models.answer``), and the model, its processor and ``training.json``
+(device, time, steps, seed, versions, accuracy) are written to ``--out``. Progress goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import synth_vqa as S  # noqa: E402
+
+from vtprune.demo_models import IMAGE_SIZE, PROMPTS, answer  # noqa: E402
+
+#: later turns of the training chat (the first turn is ``PROMPTS[family]``)
+TURNS: dict[str, str] = {
+    "llava": "USER: {q} ASSISTANT:",
+    "qwen2_vl": "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n",
+}
+IMAGE_TOKEN: dict[str, str] = {"llava": "<image>", "qwen2_vl": "<|image_pad|>"}
+N_VISUAL = 256
+
+#: model sizes (the defaults of each family's command line)
+SIZES: dict[str, dict[str, int]] = {
+    "llava": {"vision_hidden": 128, "vision_layers": 4, "text_hidden": 256, "text_layers": 3},
+    "qwen2_vl": {"vision_layers": 3, "text_hidden": 192, "text_layers": 3},
+}
+
+
+def build(family: str, sizes: dict[str, int], seed: int) -> tuple[torch.nn.Module, Any]:
+    """A freshly initialised model of ``family`` and its processor (from the ``vtprune.testing`` builders)."""
+    from vtprune.testing import tiny_llava, tiny_qwen2_vl
+
+    if family == "llava":
+        # vision_feature_layer = -2 as in LLaVA-1.5: the projector reads the penultimate ViT layer
+        return tiny_llava("llava", image_size=224, patch_size=14, vision_hidden=sizes["vision_hidden"],
+                          vision_layers=sizes["vision_layers"], text_hidden=sizes["text_hidden"],
+                          text_layers=sizes["text_layers"], seed=seed)
+    if family == "qwen2_vl":
+        return tiny_qwen2_vl("qwen2_vl", text_hidden=sizes["text_hidden"], text_layers=sizes["text_layers"],
+                             vision_depth=sizes["vision_layers"], seed=seed, max_tokens=N_VISUAL)
+    raise ValueError(f"family must be 'llava' or 'qwen2_vl', got {family!r}")
+
+
+class Batcher:
+    """Turns pooled uint8 images and question lists into model inputs (pixels, token ids, answer-only labels)."""
+
+    def __init__(self, family: str, processor: Any):
+        self.family = family
+        self.tok = processor.tokenizer
+        self.eos = self.tok.eos_token_id
+        self.pad = self.tok.pad_token_id
+        ip = processor.image_processor
+        self.mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.image_token_id = self.tok.convert_tokens_to_ids(IMAGE_TOKEN[family])
+        self._cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._cache[text]
+
+    def first_prompt_ids(self, question: str) -> list[int]:
+        text = PROMPTS[self.family].format(q=question)
+        return self.ids(text.replace(IMAGE_TOKEN[self.family], IMAGE_TOKEN[self.family] * N_VISUAL))
+
+    def pixels(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 [B, H, W, 3] -> the processor's pixel inputs for the family."""
+        x = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std  # [B, 3, H, W]
+        if self.family == "llava":
+            return {"pixel_values": x}
+        b, c, h, w = x.shape
+        ps, m, t = 14, 2, 2
+        gh, gw = h // ps, w // ps
+        x = x[:, None].expand(b, t, c, h, w)  # a still image is repeated over the temporal patch
+        x = x.reshape(b, t, c, gh // m, m, ps, gw // m, m, ps).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        pv = x.reshape(b * gh * gw, c * t * ps * ps)
+        return {"pixel_values": pv, "image_grid_thw": torch.tensor([[1, gh, gw]] * b)}
+
+    def batch(self, images: torch.Tensor, qas: list[list[S.QA]]) -> dict[str, torch.Tensor]:
+        """One multi-turn sequence per image; right-padded; labels only on answers (+ end of sequence)."""
+        seqs, labs = [], []
+        for qa_list in qas:
+            seq: list[int] = []
+            lab: list[int] = []
+            for k, qa in enumerate(qa_list):
+                p = self.first_prompt_ids(qa.question) if k == 0 else self.ids(TURNS[self.family].format(
+                    q=qa.question))
+                a = self.ids(qa.answer) + [self.eos]  # no leading space: see PROMPTS
+                seq += p + a
+                lab += [-100] * len(p) + a
+            seqs.append(seq)
+            labs.append(lab)
+        n = max(map(len, seqs))
+        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
+        labels = torch.full((len(seqs), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, (s, lab) in enumerate(zip(seqs, labs)):
+            ids[i, :len(s)] = torch.tensor(s)
+            labels[i, :len(s)] = torch.tensor(lab)
+            mask[i, :len(s)] = 1
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels, **self.pixels(images)}
+        if self.family == "qwen2_vl":
+            out["mm_token_type_ids"] = (ids == self.image_token_id).long()
+        return out
+
+
+def check_against_processor(batcher: Batcher, processor: Any, family: str, size: int) -> None:
+    """The hand-made pixels and prompt ids must equal the processor's (what the model sees at test time)."""
+    items = S.dataset("heldout", 3, seed=0, size=size)
+    for it in items:
+        ref = processor(images=[it.image], text=[PROMPTS[family].format(q=it.qa.question)], return_tensors="pt")
+        arr = torch.from_numpy(np.array(it.image, dtype=np.uint8))[None]
+        mine = batcher.pixels(arr)
+        err = (mine["pixel_values"] - ref["pixel_values"]).abs().max().item()
+        if err > 1e-5:
+            raise RuntimeError(f"hand-made pixel_values differ from the processor's by {err}")
+        if family == "qwen2_vl" and not torch.equal(mine["image_grid_thw"], ref["image_grid_thw"]):
+            raise RuntimeError(f"image_grid_thw {mine['image_grid_thw']} != processor's {ref['image_grid_thw']}")
+        if ref["input_ids"][0].tolist() != batcher.first_prompt_ids(it.qa.question):
+            raise RuntimeError("prompt token ids differ from the processor's")
+        if family == "qwen2_vl":
+            b = batcher.batch(arr, [[it.qa]])
+            if not torch.equal(b["mm_token_type_ids"][0, :ref["input_ids"].shape[1]], ref["mm_token_type_ids"][0]):
+                raise RuntimeError("mm_token_type_ids differ from the processor's")
+
+
+AUX_TARGETS = {"kind": len(S.SHAPES) + 2, "colour": len(S.COLOURS) + 1, "quadrant": 4}
+
+
+def cell_labels(scene: S.Scene, grid: int = 16, cell: int = 14) -> np.ndarray:
+    """Dense labels of the ``grid`` x ``grid`` visual tokens in raster order, uint8 [3, grid * grid]: object class
+    (0 background, shape kind, dot) covering >= 15 % of the cell (the dot always gets its best cell), its colour
+    class, and the cell's quadrant (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right)."""
+    kind, colour = S.label_maps(scene, grid * cell)
+    nk, nc = AUX_TARGETS["kind"], AUX_TARGETS["colour"]
+    cov = np.eye(nk, dtype=np.int32)[kind].reshape(grid, cell, grid, cell, nk).sum((1, 3)).reshape(-1, nk)
+    ccov = np.eye(nc, dtype=np.int32)[colour].reshape(grid, cell, grid, cell, nc).sum((1, 3)).reshape(-1, nc)
+    obj = cov[:, 1:].argmax(1) + 1
+    k = np.where(cov[:, 1:].max(1) >= 0.15 * cell * cell, obj, 0)
+    k[cov[:, nk - 1].argmax()] = nk - 1
+    c = np.where(k > 0, ccov[:, 1:].argmax(1) + 1, 0)
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    q = (rows >= grid // 2) * 2 + (cols >= grid // 2)
+    return np.stack([k, c, q]).astype(np.uint8)
+
+
+class AuxHead(torch.nn.Module):
+    """Training-only dense heads on the visual tokens entering the language model (discarded after training):
+    per-token object class / colour (/ quadrant). Gives the from-scratch vision tower a dense signal."""
+
+    def __init__(self, dim: int, targets: list[str]):
+        super().__init__()
+        self.targets = targets
+        self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(dim, AUX_TARGETS[t]) for t in targets})
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """feats [B, N, D], labels [B, 3, N] (kind, colour, quadrant) -> mean cross-entropy over targets."""
+        idx = {"kind": 0, "colour": 1, "quadrant": 2}
+        losses = [torch.nn.functional.cross_entropy(self.heads[t](feats).flatten(0, 1).float(),
+                                                    labels[:, idx[t]].flatten().long()) for t in self.targets]
+        return sum(losses) / len(losses)
+
+
+def visual_tokens_module(model: torch.nn.Module, family: str) -> torch.nn.Module:
+    """The module whose output is the visual tokens fed to the language model (projector / patch merger)."""
+    return model.model.multi_modal_projector if family == "llava" else model.model.visual.merger
+
+
+def render_pool(n: int, seed: int, size: int) -> tuple[list[S.Scene], torch.Tensor, torch.Tensor]:
+    """Training scenes ``0 .. n-1``, their pictures as one uint8 tensor [n, size, size, 3] and their dense token
+    labels [n, 3, 256]."""
+    scenes, pix = [], torch.empty((n, size, size, 3), dtype=torch.uint8)
+    labels = torch.empty((n, 3, N_VISUAL), dtype=torch.uint8)
+    t0 = time.time()
+    for i in range(n):
+        sc, _ = S.scene_qas("train", i, seed)
+        scenes.append(sc)
+        pix[i] = torch.from_numpy(np.array(S.render(sc, size), dtype=np.uint8))
+        labels[i] = torch.from_numpy(cell_labels(sc))
+        if (i + 1) % 2000 == 0:
+            print(f"  rendered {i + 1}/{n} training scenes ({time.time() - t0:.0f} s)", flush=True)
+    return scenes, pix, labels
+
+
+def evaluate(model: torch.nn.Module, processor: Any, family: str, items: list[S.Item],
+             batch_size: int = 32) -> dict[str, Any]:
+    """Held-out accuracy per question type (and "all") with the real processor + greedy ``generate``."""
+    model.eval()
+    preds = answer(model, processor, [it.image for it in items], [it.qa.question for it in items], family,
+                   max_new_tokens=8, batch_size=batch_size)
+    res: dict[str, Any] = {}
+    for t in (*S.QUESTION_TYPES, "all"):
+        sel = [p == it.qa.answer for p, it in zip(preds, items) if t in ("all", it.qa.qtype)]
+        res[t] = {"accuracy": sum(sel) / max(1, len(sel)), "n": len(sel)}
+    return res
+
+
+def fmt(res: dict[str, Any]) -> str:
+    return " ".join(f"{t} {v['accuracy']:.3f}" for t, v in res.items())
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    prog = (step - warmup) / max(1, steps - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
+
+
+def versions() -> dict[str, str]:
+    import PIL
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--family", required=True, choices=sorted(PROMPTS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default per family)")
+    p.add_argument("--batch", type=int, default=8, help="images per step (each with 5 questions)")
+    p.add_argument("--lr", type=float, default=1.2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--pool", type=int, default=None, help="training scenes rendered once (default per family)")
+    p.add_argument("--eval-n", type=int, default=500, help="held-out items for the final accuracy")
+    p.add_argument("--eval-every", type=int, default=300)
+    p.add_argument("--max-minutes", type=float, default=60.0, help="stop early (and say so) after this long")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2-core machine is shared)")
+    p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
+    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the dense visual-token loss (0: off)")
+    p.add_argument("--aux-targets", default=None, help="comma list of kind,colour,quadrant (default per family: "
+                   "llava all three; qwen2_vl kind,colour so location must come from M-RoPE positions)")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"])
+    for k in ("vision_hidden", "vision_layers", "text_hidden", "text_layers"):
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
+    a = p.parse_args(argv)
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    family, size = a.family, IMAGE_SIZE[a.family]
+    sizes = dict(SIZES[family])
+    sizes.update({k: getattr(a, k) for k in ("vision_hidden", "vision_layers", "text_hidden", "text_layers")
+                  if getattr(a, k) is not None and k in sizes})
+    steps = a.steps or {"llava": 2400, "qwen2_vl": 1200}[family]
+    pool_n = a.pool or {"llava": 12000, "qwen2_vl": 5000}[family]
+    t_start = time.time()
+
+    model, processor = build(family, sizes, a.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"family {family} | sizes {sizes} | params {n_params / 1e6:.2f} M | steps {steps} x batch {a.batch} "
+          f"images (5 questions each) | lr {a.lr} | seed {a.seed} | threads {a.threads}", flush=True)
+    batcher = Batcher(family, processor)
+    check_against_processor(batcher, processor, family, size)
+    print("hand-made pixels and prompt ids match the processor", flush=True)
+    scenes, pool, pool_labels = render_pool(pool_n, a.seed, size)
+    heldout = S.dataset("heldout", a.eval_n, seed=a.seed, size=size)
+    quick = heldout[:150]
+    print(f"pool of {pool_n} training scenes ({pool.numel() / 2**20:.0f} MiB), {len(heldout)} held-out items "
+          f"({time.time() - t_start:.0f} s)", flush=True)
+
+    aux_targets = (a.aux_targets or {"llava": "kind,colour,quadrant", "qwen2_vl": "kind,colour"}[family]).split(",")
+    aux = AuxHead(model.config.text_config.hidden_size, aux_targets)
+    captured: dict[str, torch.Tensor] = {}
+    visual_tokens_module(model, family).register_forward_hook(lambda m, i, o: captured.__setitem__("v", o))
+    named = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux.named_parameters()]
+    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.98))
+    rng = np.random.default_rng([a.seed, 1234])
+    history, t_train, done, ema = [], time.time(), 0, None
+    for step in range(steps):
+        idx = rng.integers(pool_n, size=a.batch)
+        qas = []
+        for i in idx:
+            qrng = np.random.default_rng([a.seed, 99, int(i), step])
+            order = qrng.permutation(len(S.QUESTION_TYPES))
+            qas.append([S.ask(scenes[i], S.QUESTION_TYPES[j], qrng) for j in order])
+        sel = torch.from_numpy(idx)
+        batch = batcher.batch(pool[sel], qas)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, a.lr, a.warmup)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not a.no_bf16):
+            loss = model(**batch).loss
+            aux_loss = aux(captured.pop("v").reshape(len(idx), N_VISUAL, -1), pool_labels[sel]) \
+                if a.aux_weight > 0 else torch.zeros(())
+        (loss + a.aux_weight * aux_loss).backward()
+        gn = torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        el = time.time() - t_train
+        if done % 25 == 0 or done == 1:
+            print(f"step {done:5d}/{steps} loss {loss.item():.4f} (ema {ema:.4f}) aux {aux_loss.item():.3f} "
+                  f"grad {gn:.2f} lr {opt.param_groups[0]['lr']:.2e} | {el / done:.2f} s/step, {el / 60:.1f} min",
+                  flush=True)
+        if done % a.eval_every == 0 and done < steps:
+            res = evaluate(model, processor, family, quick)
+            history.append({"step": done, "loss_ema": ema, "minutes": el / 60, "quick_heldout": res})
+            print(f"  held-out (first {len(quick)}): {fmt(res)}", flush=True)
+        if (time.time() - t_start) / 60 > a.max_minutes:
+            print(f"stopping early at step {done}: --max-minutes {a.max_minutes} reached", flush=True)
+            break
+    train_s = time.time() - t_train
+    t_eval = time.time()
+    res = evaluate(model, processor, family, heldout)
+    eval_s = time.time() - t_eval
+    print(f"final held-out accuracy (n={len(heldout)}): {fmt(res)}", flush=True)
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    model = model.to(getattr(torch, a.save_dtype))
+    model.config.dtype = a.save_dtype
+    model.save_pretrained(a.out)
+    processor.save_pretrained(a.out)
+    model.to(torch.float32)
+    record = {
+        "family": family,
+        "architecture": type(model).__name__,
+        "params": n_params,
+        "sizes": sizes,
+        "visual_tokens_per_image": N_VISUAL,
+        "image_size": size,
+        "prompt": PROMPTS[family],
+        "seed": a.seed,
+        "command": "python evals/train_tiny.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "steps": done,
+        "steps_planned": steps,
+        "batch_images": a.batch,
+        "questions_per_image": len(S.QUESTION_TYPES),
+        "precision": "fp32 weights, " + ("fp32 compute" if a.no_bf16 else "bf16 autocast") + " in training; "
+                     "evaluated in fp32",
+        "optimizer": {"name": "AdamW", "lr": a.lr, "betas": [0.9, 0.98], "weight_decay": a.weight_decay,
+                      "warmup": a.warmup, "schedule": "linear warm-up, cosine to 5%", "grad_clip": 1.0},
+        "train_pool_scenes": pool_n,
+        "aux_loss": {"weight": a.aux_weight, "targets": aux_targets,
+                     "what": "training-only linear heads on the visual tokens entering the LM predict each token's "
+                             "object class / colour / quadrant from the scene geometry; discarded after training"},
+        "loss_ema_final": ema,
+        "train_minutes": round(train_s / 60, 2),
+        "total_minutes": round((time.time() - t_start) / 60, 2),
+        "eval_seconds": round(eval_s, 1),
+        "device": f"CPU ({platform.processor() or platform.machine()}, {a.threads} threads, {os.cpu_count()} cores "
+                  "shared with other work)",
+        "versions": versions(),
+        "saved_dtype": a.save_dtype,
+        "heldout": {"split": "heldout", "seed": a.seed, "n": len(heldout), "accuracy": res},
+        "history": history,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    (a.out / "training.json").write_text(json.dumps(record, indent=1))
+    print(f"saved {a.out} ({sum(f.stat().st_size for f in a.out.iterdir()) / 2**20:.1f} MiB) in "
+          f"{(time.time() - t_start) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
