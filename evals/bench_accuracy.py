@@ -1,9 +1,15 @@
 """Accuracy vs visual-token budget of the shipped demo models on held-out synthetic visual QA.
 
-For every model (``llava``, ``qwen2_vl``), every registered selector that runs at stage ``pre_llm``, keep ratios
+For every model (``llava``, ``qwen2_vl``), every registered selector at its own stage, keep ratios
 1.0 / 0.5 / 0.25 / 0.11 / 0.05 of the 256 visual tokens and positions ``preserve`` / ``compact``: prune with
 ``vtprune.prune(model, method=m, keep_ratio=r, positions=p)``, answer the held-out questions with greedy
 ``generate`` (batched, left padding) and score the first word of each answer, per question type and overall.
+
+Stages: a selector with a ``pre_llm`` stage runs there; ``flowcut`` runs at ``vision`` (inside the ViT); the
+in-LLM methods (``fastv``, ``pdrop``, ``atp``) run at ``llm:1`` (the demo LMs have 3 layers, so FastV's K=2 default
+for 32-layer models would sit at the last layer), the schedule methods with ``schedule=[(1, r)]``; in-LLM stages
+only preserve positions (vtprune refuses ``compact`` there). A method a family cannot run (e.g. ``flowcut`` on
+Qwen2-VL, ``globalcom2`` without crops) is printed as not applicable with vtprune's error, and has no record.
 
     python evals/bench_accuracy.py                      # full run -> evals/results/accuracy.{json,png}
     python evals/bench_accuracy.py --models llava --n 100
@@ -31,24 +37,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import synth_vqa as S  # noqa: E402
-
 import vtprune  # noqa: E402
+from vtprune import synth as S  # noqa: E402
 from vtprune.demo_models import DEMO_MODELS, IMAGE_SIZE, build_prompt, demo_model, parse_answer  # noqa: E402
 from vtprune.registry import get_selector  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATIOS = (1.0, 0.5, 0.25, 0.11, 0.05)
 POSITIONS = ("preserve", "compact")
-STAGE = "pre_llm"
+LLM_LAYER = 1
 
 
-def pre_llm_methods() -> tuple[list[str], list[str]]:
-    """(registered selectors that run at stage pre_llm, the others)."""
-    ok, other = [], []
-    for m in vtprune.list_methods():
-        (ok if STAGE in get_selector(m).stages else other).append(m)
-    return ok, other
+def stage_of(method: str) -> str:
+    """The stage the benchmark runs ``method`` at: pre_llm if it has one, else vision, else llm:LLM_LAYER."""
+    stages = get_selector(method).stages
+    return "pre_llm" if "pre_llm" in stages else "vision" if "vision" in stages else f"llm:{LLM_LAYER}"
+
+
+def prune_kwargs(method: str, ratio: float, positions: str) -> dict[str, Any] | None:
+    """Arguments of ``vtprune.prune`` for one configuration, or None if the stage refuses ``positions``."""
+    stage = stage_of(method)
+    if not stage.startswith("llm:"):
+        return {"method": method, "keep_ratio": ratio, "positions": positions}
+    if positions != "preserve":
+        return None
+    if get_selector(method).schedule:
+        return {"method": method, "schedule": [(LLM_LAYER, ratio)]}
+    return {"method": method, "keep_ratio": ratio, "layer": LLM_LAYER}
 
 
 def header() -> str:
@@ -72,6 +87,7 @@ class Harness:
             self.inputs.append(self.processor(images=[it.image for it in chunk], return_tensors="pt", padding=True,
                                               text=[build_prompt(name, it.qa.question) for it in chunk]))
         self.n_visual = int((self.inputs[0]["input_ids"][0] == self.model.config.image_token_id).sum())
+        self.not_applicable: dict[str, str] = {}
 
     @torch.no_grad()
     def predict(self) -> tuple[list[str], int]:
@@ -88,18 +104,27 @@ class Harness:
         return preds, kept
 
     def records(self, method: str, positions: str, ratio: float) -> list[dict[str, Any]]:
-        """Accuracy records (per question type and "all") of one configuration."""
+        """Accuracy records (per question type and "all") of one configuration; [] if not applicable."""
         t0 = time.time()
         if method == "none":
             preds, kept = self.predict()
             stage = "none"
         else:
-            vtprune.prune(self.model, method=method, keep_ratio=ratio, positions=positions)
+            kwargs = prune_kwargs(method, ratio, positions)
+            if kwargs is None:
+                return []
+            stage = stage_of(method)
             try:
-                preds, kept = self.predict()
-            finally:
-                vtprune.unprune(self.model)
-            stage = STAGE
+                vtprune.prune(self.model, **kwargs)
+                try:
+                    preds, kept = self.predict()
+                finally:
+                    vtprune.unprune(self.model)
+            except (ValueError, NotImplementedError) as e:
+                msg = str(e).splitlines()[0]
+                self.not_applicable.setdefault(method, msg)
+                print(f"{self.name:>8} {method:>9} {positions:>8} {ratio:>5} not applicable: {msg}", flush=True)
+                return []
         out = []
         for t in ("all", *S.QUESTION_TYPES):
             hits = [p == it.qa.answer for p, it in zip(preds, self.items) if t in ("all", it.qa.qtype)]
@@ -108,7 +133,7 @@ class Harness:
                             "keep_ratio": ratio, "question_type": t, "accuracy": round(sum(hits) / len(hits), 4),
                             "n": len(hits), "visual_tokens": kept})
         acc = {r["question_type"]: r["accuracy"] for r in out}
-        print(f"{self.name:>8} {method:>9} {positions:>8} {ratio:>5} {kept:>4} tok | "
+        print(f"{self.name:>8} {method:>9} {stage:>7} {positions:>8} {ratio:>5} {kept:>4} tok | "
               + " ".join(f"{t} {a:.3f}" for t, a in acc.items()) + f" | {time.time() - t0:.1f} s", flush=True)
         return out
 
@@ -124,6 +149,12 @@ def run(models: list[str], n: int, methods: list[str], ratios: list[float], posi
             for p in positions:
                 for r in ratios:
                     recs += h.records(m, p, r)
+                    if m in h.not_applicable:
+                        break
+                if m in h.not_applicable:
+                    break
+        for m, msg in h.not_applicable.items():
+            print(f"{name}: {m} not applicable: {msg}")
     return recs
 
 
@@ -246,7 +277,7 @@ def summary(recs: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    ok, other = pre_llm_methods()
+    ok = vtprune.list_methods()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(DEMO_MODELS))
     p.add_argument("--n", type=int, default=250, help="held-out questions per model (balanced over 5 types)")
@@ -273,9 +304,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     methods = [m for m in a.methods.split(",") if m]
     bad = [m for m in methods if m not in ok]
     if bad:
-        raise SystemExit(f"methods {bad} do not run at stage {STAGE}; choose from {ok}")
-    if other:
-        print(f"skipped (no {STAGE} stage): {', '.join(other)}")
+        raise SystemExit(f"unknown methods {bad}; choose from {ok}")
     print(header(), flush=True)
     recs = run(models, a.n, methods, [float(r) for r in a.ratios.split(",")], a.positions.split(","), a.batch,
                a.seed, a.assets)

@@ -1,4 +1,4 @@
-"""Train the shipped demo models from scratch on the synthetic visual-QA task (``evals/synth_vqa.py``).
+"""Train the shipped demo models from scratch on the synthetic visual-QA task (``vtprune/synth.py``).
 
     python evals/train_tiny.py --family llava    --seed 0 --out vtprune/assets/llava
     python evals/train_tiny.py --family qwen2_vl --seed 0 --out vtprune/assets/qwen2_vl
@@ -20,6 +20,7 @@ processor and ``generate`` (``vtprune.demo_models.answer``), and the model, its 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -35,8 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import synth_vqa as S  # noqa: E402
-
+from vtprune import synth as S  # noqa: E402
 from vtprune.demo_models import IMAGE_SIZE, PROMPTS, answer  # noqa: E402
 
 #: later turns of the training chat (the first turn is ``PROMPTS[family]``)
@@ -55,18 +55,37 @@ SIZES: dict[str, dict[str, int]] = {
 
 
 def build(family: str, sizes: dict[str, int], seed: int) -> tuple[torch.nn.Module, Any]:
-    """A freshly initialised model of ``family`` and its processor (from the ``vtprune.testing`` builders)."""
+    """A freshly initialised model of ``family`` and its processor (from the ``vtprune.testing`` builders).
+
+    ``sizes`` may set ``lm_heads`` / ``lm_kv_heads`` (the builders use 4 / 2): the builder's config is then copied
+    with those head counts (and, for Qwen2-VL, the M-RoPE sections re-split for the new head size) and the model is
+    re-initialised from it with the same seed.
+    """
     from vtprune.testing import tiny_llava, tiny_qwen2_vl
 
     if family == "llava":
         # vision_feature_layer = -2 as in LLaVA-1.5: the projector reads the penultimate ViT layer
-        return tiny_llava("llava", image_size=224, patch_size=14, vision_hidden=sizes["vision_hidden"],
-                          vision_layers=sizes["vision_layers"], text_hidden=sizes["text_hidden"],
-                          text_layers=sizes["text_layers"], seed=seed)
-    if family == "qwen2_vl":
-        return tiny_qwen2_vl("qwen2_vl", text_hidden=sizes["text_hidden"], text_layers=sizes["text_layers"],
-                             vision_depth=sizes["vision_layers"], seed=seed, max_tokens=N_VISUAL)
-    raise ValueError(f"family must be 'llava' or 'qwen2_vl', got {family!r}")
+        model, proc = tiny_llava("llava", image_size=224, patch_size=14, vision_hidden=sizes["vision_hidden"],
+                                 vision_layers=sizes["vision_layers"], text_hidden=sizes["text_hidden"],
+                                 text_layers=sizes["text_layers"], seed=seed)
+    elif family == "qwen2_vl":
+        model, proc = tiny_qwen2_vl("qwen2_vl", text_hidden=sizes["text_hidden"], text_layers=sizes["text_layers"],
+                                    vision_depth=sizes["vision_layers"], seed=seed, max_tokens=N_VISUAL)
+    else:
+        raise ValueError(f"family must be 'llava' or 'qwen2_vl', got {family!r}")
+    heads, kv = sizes.get("lm_heads", 4), sizes.get("lm_kv_heads", 2)
+    if (heads, kv) != (4, 2):
+        cfg = copy.deepcopy(model.config)
+        tc = cfg.text_config
+        tc.num_attention_heads, tc.num_key_value_heads = heads, kv
+        tc.head_dim = tc.hidden_size // heads
+        if family == "qwen2_vl":
+            half = tc.head_dim // 2  # M-RoPE sections split head_dim/2 over (t, h, w) in Qwen's 2:3:3 ratio
+            section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+            tc.rope_parameters = {**tc.rope_parameters, "mrope_section": section}
+        torch.manual_seed(seed)
+        model = type(model)._from_config(cfg, attn_implementation="sdpa").eval()
+    return model, proc
 
 
 class Batcher:
@@ -105,10 +124,16 @@ class Batcher:
         pv = x.reshape(b * gh * gw, c * t * ps * ps)
         return {"pixel_values": pv, "image_grid_thw": torch.tensor([[1, gh, gw]] * b)}
 
-    def batch(self, images: torch.Tensor, qas: list[list[S.QA]]) -> dict[str, torch.Tensor]:
-        """One multi-turn sequence per image; right-padded; labels only on answers (+ end of sequence)."""
-        seqs, labs = [], []
-        for qa_list in qas:
+    def batch(self, images: torch.Tensor, qas: list[list[S.QA]], kinds: torch.Tensor | None = None
+              ) -> dict[str, torch.Tensor]:
+        """One multi-turn sequence per image; right-padded; labels only on answers (+ end of sequence).
+
+        With ``kinds`` (the per-token object classes [B, 256] of :func:`cell_labels`) it also returns
+        ``"attn_targets"``: (sample, position of the last prompt token of a turn, BoolTensor[256] of the visual
+        tokens showing what the question is about) for the attention-supervision warm-up.
+        """
+        seqs, labs, targets = [], [], []
+        for b, qa_list in enumerate(qas):
             seq: list[int] = []
             lab: list[int] = []
             for k, qa in enumerate(qa_list):
@@ -117,6 +142,10 @@ class Batcher:
                 a = self.ids(qa.answer) + [self.eos]  # no leading space: see PROMPTS
                 seq += p + a
                 lab += [-100] * len(p) + a
+                if kinds is not None:
+                    tgt = referent_tokens(qa, kinds[b])
+                    if tgt is not None:
+                        targets.append((b, len(seq) - len(a) - 1, tgt))
             seqs.append(seq)
             labs.append(lab)
         n = max(map(len, seqs))
@@ -130,7 +159,33 @@ class Batcher:
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels, **self.pixels(images)}
         if self.family == "qwen2_vl":
             out["mm_token_type_ids"] = (ids == self.image_token_id).long()
+        if kinds is not None:
+            out["attn_targets"] = targets
         return out
+
+
+def referent_tokens(qa: S.QA, kinds: torch.Tensor) -> torch.Tensor | None:
+    """Visual tokens showing what ``qa`` is about (named shape / all shapes / the dot), or None (absent shape)."""
+    if qa.qtype == "counting":
+        mask = (kinds >= 1) & (kinds <= len(S.SHAPES))
+    elif qa.qtype == "detail":
+        mask = kinds == len(S.SHAPES) + 1
+    else:
+        named = [k for k in S.SHAPES if f" {k}" in qa.question]
+        mask = kinds == S.SHAPES.index(named[0]) + 1
+    return mask if bool(mask.any()) else None
+
+
+def attention_supervision_loss(attn: torch.Tensor, targets: list, visual: torch.Tensor, heads: list[int]
+                               ) -> torch.Tensor:
+    """Mean over turns and ``heads`` of -log(attention mass the turn's last prompt token puts on the referent's
+    visual tokens). ``attn`` [B, H, L, L] of one LM layer; ``visual`` [B, L] bool (image-token positions)."""
+    losses = []
+    for b, q, tgt in targets:
+        pos = visual[b].nonzero().flatten()[tgt.to(torch.bool)]
+        mass = attn[b, heads, q][:, pos].float().sum(-1)
+        losses.append(-torch.log(mass + 1e-6).mean())
+    return torch.stack(losses).mean() if losses else attn.new_zeros(())
 
 
 def check_against_processor(batcher: Batcher, processor: Any, family: str, size: int) -> None:
@@ -262,8 +317,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the dense visual-token loss (0: off)")
     p.add_argument("--aux-targets", default=None, help="comma list of kind,colour,quadrant (default per family: "
                    "llava all three; qwen2_vl kind,colour so location must come from M-RoPE positions)")
+    p.add_argument("--lm-aux-targets", default=None,
+                   help="comma list of aux targets read from the visual tokens' hidden states after LM layer 0 "
+                        "(default per family: qwen2_vl quadrant, so its LM learns where a token is from M-RoPE; "
+                        "llava none); same weight as --aux-weight")
+    p.add_argument("--attn-sup", type=float, default=1.0,
+                   help="weight of the attention-supervision warm-up (0: off): heads --attn-sup-heads of LM layer "
+                        "--attn-sup-layer are pushed to attend from each turn's last prompt token to the visual "
+                        "tokens of what the question is about; full weight until --attn-sup-until[0], then linearly "
+                        "to 0 at --attn-sup-until[1] (fractions of the steps)")
+    p.add_argument("--attn-sup-layer", type=int, default=1)
+    p.add_argument("--attn-sup-heads", default="0")
+    p.add_argument("--attn-sup-until", default="0.4,0.6")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"])
-    for k in ("vision_hidden", "vision_layers", "text_hidden", "text_layers"):
+    for k in ("vision_hidden", "vision_layers", "text_hidden", "text_layers", "lm_heads", "lm_kv_heads"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     a = p.parse_args(argv)
 
@@ -275,8 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(a.seed)
     family, size = a.family, IMAGE_SIZE[a.family]
     sizes = dict(SIZES[family])
-    sizes.update({k: getattr(a, k) for k in ("vision_hidden", "vision_layers", "text_hidden", "text_layers")
-                  if getattr(a, k) is not None and k in sizes})
+    sizes.update({k: getattr(a, k) for k in ("vision_hidden", "vision_layers", "text_hidden", "text_layers",
+                                             "lm_heads", "lm_kv_heads")
+                  if getattr(a, k) is not None and (k in sizes or k.startswith("lm_"))})
     steps = a.steps or {"llava": 2400, "qwen2_vl": 1200}[family]
     pool_n = a.pool or {"llava": 12000, "qwen2_vl": 5000}[family]
     t_start = time.time()
@@ -296,13 +364,24 @@ def main(argv: list[str] | None = None) -> None:
 
     aux_targets = (a.aux_targets or {"llava": "kind,colour,quadrant", "qwen2_vl": "kind,colour"}[family]).split(",")
     aux = AuxHead(model.config.text_config.hidden_size, aux_targets)
+    lm_targets = [t for t in (a.lm_aux_targets if a.lm_aux_targets is not None
+                              else {"llava": "", "qwen2_vl": "quadrant"}[family]).split(",") if t]
+    lm_aux = AuxHead(model.config.text_config.hidden_size, lm_targets) if lm_targets else None
     captured: dict[str, torch.Tensor] = {}
     visual_tokens_module(model, family).register_forward_hook(lambda m, i, o: captured.__setitem__("v", o))
+    if lm_aux is not None:
+        model.model.language_model.layers[1].register_forward_pre_hook(
+            lambda m, args, kw: captured.__setitem__("h", args[0] if args else kw["hidden_states"]), with_kwargs=True)
     named = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux.named_parameters()]
+    if lm_aux is not None:
+        named += [("lm_aux." + n, p) for n, p in lm_aux.named_parameters()]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.98))
+    sup_start, sup_end = (float(x) for x in a.attn_sup_until.split(","))
+    sup_heads = [int(h) for h in a.attn_sup_heads.split(",")]
+    sup_on = False
     rng = np.random.default_rng([a.seed, 1234])
     history, t_train, done, ema = [], time.time(), 0, None
     for step in range(steps):
@@ -313,15 +392,28 @@ def main(argv: list[str] | None = None) -> None:
             order = qrng.permutation(len(S.QUESTION_TYPES))
             qas.append([S.ask(scenes[i], S.QUESTION_TYPES[j], qrng) for j in order])
         sel = torch.from_numpy(idx)
-        batch = batcher.batch(pool[sel], qas)
+        w_att = a.attn_sup * float(np.clip((sup_end - step / steps) / max(1e-9, sup_end - sup_start), 0.0, 1.0))
+        batch = batcher.batch(pool[sel], qas, kinds=pool_labels[sel, 0] if w_att > 0 else None)
+        targets = batch.pop("attn_targets", None)
+        if (w_att > 0) != sup_on:  # eager LM attention only while the supervision needs the probabilities
+            sup_on = w_att > 0
+            model.set_attn_implementation({"text_config": "eager" if sup_on else "sdpa"})
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, a.lr, a.warmup)
         model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not a.no_bf16):
-            loss = model(**batch).loss
+            out = model(**batch, output_attentions=sup_on)
+            loss = out.loss
             aux_loss = aux(captured.pop("v").reshape(len(idx), N_VISUAL, -1), pool_labels[sel]) \
                 if a.aux_weight > 0 else torch.zeros(())
-        (loss + a.aux_weight * aux_loss).backward()
+            h = captured.pop("h", None)
+            if lm_aux is not None and a.aux_weight > 0:
+                vis = batch["input_ids"] == batcher.image_token_id  # exactly N_VISUAL per row, raster order
+                aux_loss = aux_loss + lm_aux(h[vis].reshape(len(idx), N_VISUAL, -1), pool_labels[sel])
+            att_loss = attention_supervision_loss(out.attentions[a.attn_sup_layer], targets,
+                                                  batch["input_ids"] == batcher.image_token_id, sup_heads) \
+                if sup_on else torch.zeros(())
+        (loss + a.aux_weight * aux_loss + w_att * att_loss).backward()
         gn = torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -330,8 +422,8 @@ def main(argv: list[str] | None = None) -> None:
         el = time.time() - t_train
         if done % 25 == 0 or done == 1:
             print(f"step {done:5d}/{steps} loss {loss.item():.4f} (ema {ema:.4f}) aux {aux_loss.item():.3f} "
-                  f"grad {gn:.2f} lr {opt.param_groups[0]['lr']:.2e} | {el / done:.2f} s/step, {el / 60:.1f} min",
-                  flush=True)
+                  f"att {att_loss.item():.3f} grad {gn:.2f} lr {opt.param_groups[0]['lr']:.2e} | "
+                  f"{el / done:.2f} s/step, {el / 60:.1f} min", flush=True)
         if done % a.eval_every == 0 and done < steps:
             res = evaluate(model, processor, family, quick)
             history.append({"step": done, "loss_ema": ema, "minutes": el / 60, "quick_heldout": res})
@@ -340,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"stopping early at step {done}: --max-minutes {a.max_minutes} reached", flush=True)
             break
     train_s = time.time() - t_train
+    if sup_on:
+        model.set_attn_implementation({"text_config": "sdpa"})
     t_eval = time.time()
     res = evaluate(model, processor, family, heldout)
     eval_s = time.time() - t_eval
@@ -370,9 +464,15 @@ def main(argv: list[str] | None = None) -> None:
         "optimizer": {"name": "AdamW", "lr": a.lr, "betas": [0.9, 0.98], "weight_decay": a.weight_decay,
                       "warmup": a.warmup, "schedule": "linear warm-up, cosine to 5%", "grad_clip": 1.0},
         "train_pool_scenes": pool_n,
-        "aux_loss": {"weight": a.aux_weight, "targets": aux_targets,
+        "attention_supervision": {"weight": a.attn_sup, "layer": a.attn_sup_layer, "heads": sup_heads,
+                                  "full_until": sup_start, "zero_from": sup_end,
+                                  "what": "warm-up only: -log of the attention mass that each turn's last prompt "
+                                          "token puts on the visual tokens of the named shape / all shapes / the "
+                                          "dot; off (weight 0) for the rest of training"},
+        "aux_loss": {"weight": a.aux_weight, "targets": aux_targets, "lm_layer0_targets": lm_targets,
                      "what": "training-only linear heads on the visual tokens entering the LM predict each token's "
-                             "object class / colour / quadrant from the scene geometry; discarded after training"},
+                             "object class / colour / quadrant from the scene geometry (lm_layer0_targets: the "
+                             "same from the visual tokens' hidden states after LM layer 0); discarded after training"},
         "loss_ema_final": ema,
         "train_minutes": round(train_s / 60, 2),
         "total_minutes": round((time.time() - t_start) / 60, 2),

@@ -1,7 +1,7 @@
 """The project's trained demo models, shipped inside the package (no download, works offline).
 
 Two small vision-language models trained from scratch by ``evals/train_tiny.py`` on the synthetic visual-QA task
-of ``evals/synth_vqa.py`` (coloured shapes on textured backgrounds; questions about colour, existence, count,
+of ``vtprune/synth.py`` (coloured shapes on textured backgrounds; questions about colour, existence, count,
 location and a small dot), built from the real transformers classes:
 
 * ``"llava"``: ``LlavaForConditionalGeneration`` — CLIP-style ViT with [CLS] (224 px, patch 14 -> 256 visual
