@@ -5,11 +5,12 @@ For every model (``llava``, ``qwen2_vl``), every registered selector at its own 
 ``vtprune.prune(model, method=m, keep_ratio=r, positions=p)``, answer the held-out questions with greedy
 ``generate`` (batched, left padding) and score the first word of each answer, per question type and overall.
 
-Stages: a selector with a ``pre_llm`` stage runs there; ``flowcut`` runs at ``vision`` (inside the ViT); the
+Stages: a selector with a ``pre_llm`` stage runs there; ``flowcut`` runs at ``vision`` (inside the ViT; on Qwen2-VL,
+whose ViT has no [CLS], vtprune runs its LLM-stage variant at ``llm:2``; records carry the stage that ran); the
 in-LLM methods (``fastv``, ``pdrop``, ``atp``) run at ``llm:1`` (the demo LMs have 3 layers, so FastV's K=2 default
 for 32-layer models would sit at the last layer), the schedule methods with ``schedule=[(1, r)]``; in-LLM stages
-only preserve positions (vtprune refuses ``compact`` there). A method a family cannot run (e.g. ``flowcut`` on
-Qwen2-VL, ``globalcom2`` without crops) is printed as not applicable with vtprune's error, and has no record.
+only preserve positions (vtprune refuses ``compact`` there). A configuration a family cannot run (e.g.
+``globalcom2`` without crops) is printed as not applicable with vtprune's error, and has no record.
 
     python evals/bench_accuracy.py                      # full run -> evals/results/accuracy.{json,png}
     python evals/bench_accuracy.py --models llava --n 100
@@ -94,13 +95,15 @@ class Harness:
         """Answers to every item with the model as it is now (pruned or not); visual tokens kept per image."""
         tok = self.processor.tokenizer
         preds, kept = [], self.n_visual
+        self.stage = "none"
         for inputs in self.inputs:
             ids = self.model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id)
             preds += [parse_answer(t) for t in tok.batch_decode(ids[:, inputs["input_ids"].shape[1]:],
                                                                 skip_special_tokens=True)]
             if vtprune.is_pruned(self.model) and vtprune.last_report(self.model) is not None:
-                kept = vtprune.last_report(self.model).images[0].n_after
+                rep = vtprune.last_report(self.model)
+                kept, self.stage = rep.images[-1].n_after, rep.stage
         return preds, kept
 
     def records(self, method: str, positions: str, ratio: float) -> list[dict[str, Any]]:
@@ -113,7 +116,6 @@ class Harness:
             kwargs = prune_kwargs(method, ratio, positions)
             if kwargs is None:
                 return []
-            stage = stage_of(method)
             try:
                 vtprune.prune(self.model, **kwargs)
                 try:
@@ -122,9 +124,10 @@ class Harness:
                     vtprune.unprune(self.model)
             except (ValueError, NotImplementedError) as e:
                 msg = str(e).splitlines()[0]
-                self.not_applicable.setdefault(method, msg)
+                self.not_applicable.setdefault((method, positions), msg)
                 print(f"{self.name:>8} {method:>9} {positions:>8} {ratio:>5} not applicable: {msg}", flush=True)
                 return []
+            stage = self.stage  # where vtprune ran it (FlowCut moves into the LLM on families without a vision stage)
         out = []
         for t in ("all", *S.QUESTION_TYPES):
             hits = [p == it.qa.answer for p, it in zip(preds, self.items) if t in ("all", it.qa.qtype)]
@@ -149,12 +152,10 @@ def run(models: list[str], n: int, methods: list[str], ratios: list[float], posi
             for p in positions:
                 for r in ratios:
                     recs += h.records(m, p, r)
-                    if m in h.not_applicable:
+                    if (m, p) in h.not_applicable:
                         break
-                if m in h.not_applicable:
-                    break
-        for m, msg in h.not_applicable.items():
-            print(f"{name}: {m} not applicable: {msg}")
+        for (m, p), msg in h.not_applicable.items():
+            print(f"{name}: {m} with positions={p} not applicable: {msg}")
     return recs
 
 

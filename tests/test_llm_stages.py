@@ -4,6 +4,7 @@ family, against a test-side layer loop; plus cache parity, batches, reversibilit
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -16,12 +17,14 @@ CONFIGS = {
     "fastv": dict(method="fastv", keep=3, layer=2),
     "pdrop": dict(method="pdrop"),  # default schedule: layers 1, 2, 3 with ratios 0.5, 0.25, 0.125
     "atp": dict(method="atp", mass=0.5),
+    "flowcut": dict(method="flowcut", keep=3, layer=2),
     "compose": dict(stages=[{"method": "divprune", "keep": 6}, {"method": "fastv", "keep": 3, "layer": 2}]),
 }
 IDENTITY = {
     "fastv": dict(method="fastv", keep=100_000, layer=2),
     "pdrop": dict(method="pdrop", schedule=[(1, 1.0), (3, 1.0)]),
     "atp": dict(method="atp", min_keep=100_000, schedule=[(1, 1.0), (2, 1.0)]),
+    "flowcut": dict(method="flowcut", keep=100_000, layer=2),
     "compose": dict(stages=[{"method": "divprune", "keep": 100_000}, {"method": "fastv", "keep": 100_000,
                                                                         "layer": 2}]),
 }
@@ -231,3 +234,84 @@ def test_composition_reports_both_stages():
     assert [e.n_after for e in rep.images] == [6, 3]
     assert rep.layer_visual_tokens[0].tolist() == [6, 6, 3, 3]
     assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 6
+
+
+def _layer_qkv(model, inputs, layer: int):
+    """Query, key and value (after rotary) of decoder layer ``layer``'s attention call, captured test-side from an
+    eager run: [B, H, L, d] each (key / value with the KV heads)."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation({"text_config": "eager"})
+    mod = sys.modules[type(eager.model.language_model.layers[layer].self_attn).__module__]
+    got = {}
+    real = mod.eager_attention_forward
+
+    def spy(module, query, key, value, *args, **kwargs):
+        if module is eager.model.language_model.layers[layer].self_attn:
+            got.update(q=query, k=key, v=value, scaling=kwargs.get("scaling"))
+        return real(module, query, key, value, *args, **kwargs)
+
+    mod.eager_attention_forward = spy
+    try:
+        with torch.no_grad():
+            eager(**inputs)
+    finally:
+        mod.eager_attention_forward = real
+    return got
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
+def test_flowcut_llm_stage_scores_from_hand_computed_qkv(family):
+    """FlowCut's LLM stage keeps the top-k of (a/Σa + s/Σs)·‖v̄‖₁ over the image's tokens, with a = softmax(q_last·Kᵀ
+    ·scale) and s = softmax(v_last·Vᵀ·scale) (head means) and v̄ the head-mean value, all from layer K−1."""
+    model = _model(family)
+    inputs = batch(family, [0])
+    t = _layer_qkv(model, inputs, 1)
+    q, k, v = t["q"].float(), t["k"].float(), t["v"].float()
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scale = t["scaling"] if t["scaling"] is not None else q.shape[-1] ** -0.5
+    a = torch.softmax(torch.einsum("hd,hld->hl", q[0, :, -1], k[0]) * scale, -1).mean(0)
+    sem = torch.softmax(torch.einsum("hd,hld->hl", v[0, :, -1], v[0]) * scale, -1).mean(0)
+    norm = v[0].mean(0).abs().sum(-1)
+    img = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    a, sem, norm = a[img], sem[img], norm[img]
+    f = (a / a.sum() + sem / sem.sum()) * norm
+    expect = f.topk(4).indices.sort().values
+    vtprune.prune(model, method="flowcut", keep=4, layer=2)
+    with torch.no_grad():
+        model(**inputs)
+    entry = vtprune.last_report(model).images[0]
+    assert entry.stage == "llm:2" and "flow_stats" in entry.signal
+    assert torch.equal(entry.kept, expect)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next", "internvl"])
+def test_flowcut_without_a_vision_stage_runs_in_the_llm(family):
+    """No in-encoder FlowCut for this tower: prune(method="flowcut") without a layer runs the LLM-stage variant at its
+    default layer 2 (after decoder layer 1), says so in the report and keeps exactly ``keep`` per image, with the
+    kept tokens' own positions (3-D M-RoPE columns on Qwen)."""
+    model = _model(family)
+    inputs = batch(family, [0])
+    vtprune.prune(model, method="flowcut", keep=5)
+    with torch.no_grad():
+        out = model(**inputs).logits
+    rep = vtprune.last_report(model)
+    assert {e.stage for e in rep.images} == {"llm:2"} and all(e.n_after == 5 for e in rep.images)
+    vtprune.unprune(model)
+    vtprune.prune(model, method="flowcut", keep=5, layer=2)
+    with torch.no_grad():
+        same = model(**inputs).logits
+    torch.testing.assert_close(out, same, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="compact"):
+        vtprune.prune(vtprune.unprune(model), method="flowcut", keep=5, positions="compact")
+    assert not vtprune.is_pruned(model)
+
+
+def test_flowcut_on_llava_still_prunes_inside_the_vit():
+    from vtprune.testing import tiny_llava
+
+    model = tiny_llava("llava", vision_layers=5)[0]
+    vtprune.prune(model, method="flowcut", keep=5)
+    with torch.no_grad():
+        model(**batch("llava", [0]))
+    assert {e.stage for e in vtprune.last_report(model).images} == {"vision"}

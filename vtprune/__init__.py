@@ -5,16 +5,20 @@
     out = model.generate(**inputs)                      # unchanged user code
     print(vtprune.last_report(model))
 
+    model, processor = vtprune.demo_model("llava")      # the shipped, project-trained demo model (offline)
+
 Importing vtprune imports no triton, no transformers model code and touches no CUDA.
 """
 
 from .api import disabled, is_pruned, last_report, prune, select_tokens, unprune
 from .config import PruneConfig, StageSpec
+from .demo_models import demo_model
 from .registry import list_methods, register_selector, supported_models
 
 __all__ = [
     "PruneConfig",
     "StageSpec",
+    "demo_model",
     "disabled",
     "is_pruned",
     "last_report",

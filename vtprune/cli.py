@@ -1,9 +1,9 @@
 """`vtprune demo` and `vtprune viz`.
 
-demo: a small LLaVA built from a config (random weights until the project's trained default ships) is run on a
-synthetic scene unpruned and pruned at several budgets; prints visual tokens, prefill time and speed-up side by
-side and writes PNGs of the kept patches.
-viz: the same picture for a user's image, model and method.
+demo: the shipped demo model (``vtprune.demo_model``, trained by the project) answers held-out synthetic questions
+unpruned and pruned by several selectors at several budgets; prints answers, visual tokens kept, prefill time and
+speed-up side by side and writes PNGs of the kept patches.
+viz: the same picture (and answer) for a user's image, model and method.
 """
 
 from __future__ import annotations
@@ -16,48 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def scene(size: int = 336, seed: int = 0):
-    """A synthetic picture: a few coloured shapes on a textured background."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    bg = np.stack([120 + 40 * np.sin(xx / 23.0), 140 + 30 * np.cos(yy / 17.0), 160 + 20 * np.sin((xx + yy) / 31.0)], -1)
-    bg += rng.normal(0, 6, bg.shape)
-    img = Image.fromarray(bg.clip(0, 255).astype("uint8"), "RGB")
-    d = ImageDraw.Draw(img)
-    s = size / 336
-    d.ellipse([40 * s, 50 * s, 130 * s, 140 * s], fill=(220, 40, 40))
-    d.rectangle([200 * s, 60 * s, 290 * s, 150 * s], fill=(40, 60, 220))
-    d.polygon([(170 * s, 200 * s), (120 * s, 300 * s), (220 * s, 300 * s)], fill=(40, 180, 60))
-    d.ellipse([260 * s, 250 * s, 280 * s, 270 * s], fill=(250, 220, 30))
-    return img
-
-
-DESCRIPTION = {
-    "llava": "LLaVA architecture built from a config (CLIP-style ViT 336/14 -> 576 visual tokens, 8-layer Llama h512)",
-    "qwen2_vl": "Qwen2-VL architecture built from a config (ViT 14 px + 2x2 merger, 336 px -> 144 visual tokens, "
-                "M-RoPE, 8-layer LM h512)",
-}
-BUDGETS = {"llava": "288,144,64,29", "qwen2_vl": "72,36,16,8"}
-TEMPLATE = {"llava": "USER: <image>\n{q} ASSISTANT:",
-            "qwen2_vl": "<|im_start|>user <|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>"
-                        "<|im_start|>assistant"}
-
-
-def demo_model(family: str = "llava"):
-    """A small model of ``family`` at real token layouts (random weights until the trained default ships)."""
-    from .testing import tiny_llava, tiny_qwen2_vl
-
-    if family == "llava":
-        return tiny_llava("llava", image_size=336, patch_size=14, vision_hidden=128, vision_layers=2,
-                          text_hidden=512, text_layers=8)
-    if family == "qwen2_vl":
-        return tiny_qwen2_vl("qwen2_vl", text_hidden=512, text_layers=8, max_tokens=144)
-    raise ValueError(f"demo family must be one of {sorted(DESCRIPTION)}, got {family!r}")
 
 
 def _time_ms(fn, repeats: int) -> float:
@@ -79,96 +37,181 @@ def header() -> str:
             f"transformers {transformers.__version__} | dtype float32")
 
 
-def run_demo(out: Path, budgets: list[int], methods: list[str], repeats: int, family: str = "llava") -> None:
+def _sample_items(name: str, n: int) -> list:
+    """The demo's sample questions: held-out scenes 0..n-1 of the synthetic task (types cycle), at the model's
+    image size."""
+    from .demo_models import IMAGE_SIZE
+    from .synth import dataset
+
+    return dataset("heldout", n, seed=0, size=IMAGE_SIZE[name])
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=total < 2)
+
+
+def run_demo(out: Path, ratios: list[float], methods: list[str], repeats: int, name: str = "llava",
+             n_samples: int = 10, pictures: int = 3) -> None:
+    """Shipped demo model ``name``: answers to ``n_samples`` held-out questions unpruned and pruned by every method
+    at every keep ratio, side by side with visual tokens, prefill time and speed-up; kept-patch PNGs in ``out``."""
     import vtprune
 
+    from .demo_models import build_prompt, demo_model, parse_answer, training_record
     from .viz import panel, stack
 
     out.mkdir(parents=True, exist_ok=True)
-    model, proc = demo_model(family)
-    img = scene()
-    inputs = proc(images=[img], text=[TEMPLATE[family].format(q="What colour is the circle?")], return_tensors="pt")
+    model, proc = demo_model(name)
+    rec = training_record(name)
+    items = _sample_items(name, n_samples)
+    tok = proc.tokenizer
+    batch = proc(images=[it.image for it in items], text=[build_prompt(name, it.qa.question) for it in items],
+                 return_tensors="pt", padding=True)
+    one = proc(images=[items[0].image], text=[build_prompt(name, items[0].qa.question)], return_tensors="pt")
+    n_params = sum(p.numel() for p in model.parameters())
     print(header())
-    print(f"model: {DESCRIPTION[family]}; random weights, so answers are not meaningful — the trained default "
-          "replaces it later\n")
+    print(f"model: vtprune demo model {name!r} ({type(model).__name__}, {n_params / 1e6:.1f} M parameters, trained "
+          f"from scratch by evals/train_tiny.py on {rec['device'].split(' (')[0]}; held-out accuracy "
+          f"{rec['heldout']['accuracy']['all']['accuracy']:.1%} unpruned)")
+    print(f"samples: {n_samples} held-out synthetic questions; speed: batch-1 forward (vision tower + LLM prefill), "
+          f"median of {repeats}\n")
+
+    def answers() -> list[str]:
+        with torch.no_grad():
+            ids = model.generate(**batch, max_new_tokens=4, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        return [parse_answer(t) for t in tok.batch_decode(ids[:, batch["input_ids"].shape[1]:],
+                                                          skip_special_tokens=True)]
+
+    truth = [it.qa.answer for it in items]
     with torch.no_grad():
-        base_ms = _time_ms(lambda: model(**inputs), repeats)
-        base_ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    n_prompt = inputs["input_ids"].shape[1]
-    n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    print(f"{'method':>10} {'keep':>5} {'visual':>10} {'LLM tokens':>10} {'prefill ms':>10} {'speed-up':>8} "
-          f"{'FLOPs':>7} {'same answer':>11}")
-    print(f"{'none':>10} {'all':>5} {f'{n_vis}->{n_vis}':>10} {n_prompt:>10} {base_ms:>10.1f} {'1.00x':>8} {'100%':>7} "
-          f"{'-':>11}")
-    panels = []
+        base_ms = _time_ms(lambda: model(**one), repeats)
+    base = answers()
+    n_vis = int((one["input_ids"] == model.config.image_token_id).sum())
+    rows = [("none", "all", f"{n_vis}->{n_vis}", base_ms, 1.0, 1.0, base)]
+    at_smallest: dict[str, list[str]] = {"none": base}  # column label -> answers, at the smallest ratio
+    panels: dict[int, list] = {}  # sample index -> one panel per (method, ratio)
+    bar = _progress(len(methods) * len(ratios), "demo")
     for method in methods:
-        for keep in budgets:
-            vtprune.prune(model, method=method, keep=keep)
-            with torch.no_grad():
-                ms = _time_ms(lambda: model(**inputs), repeats)
-                ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            rep = vtprune.last_report(model)
+        for ratio in ratios:
+            vtprune.prune(model, method=method, keep_ratio=ratio)
+            try:
+                with torch.no_grad():
+                    ms = _time_ms(lambda: model(**one), repeats)
+                    rep = vtprune.last_report(model)
+                    for k, it in enumerate(items[:pictures]):
+                        model(**proc(images=[it.image], text=[build_prompt(name, it.qa.question)],
+                                     return_tensors="pt"))
+                        imr = vtprune.last_report(model).images[0]
+                        panels.setdefault(k, []).append(panel(it.image, imr, f"{method} {imr.n_after}/{imr.n_before}"))
+                got = answers()
+            finally:
+                vtprune.unprune(model)
             im = rep.images[0]
-            same = "yes" if torch.equal(ids[:, n_prompt:], base_ids[:, n_prompt:]) else "no"
-            print(f"{method:>10} {keep:>5} {f'{im.n_before}->{im.n_after}':>10} {rep.tokens_after[0]:>10} "
-                  f"{ms:>10.1f} {base_ms / ms:>7.2f}x {rep.flops_ratio:>7.1%} {same:>11}", flush=True)
-            panels.append(panel(img, im, f"{method} keep {keep}"))
-            panels[-1].save(out / f"kept_{method}_{keep}.png")
-            vtprune.unprune(model)
-    stack(panels, columns=len(budgets)).save(out / "kept_all.png")
-    print(f"\npictures: {out}/kept_all.png and one kept_<method>_<keep>.png per row")
+            rows.append((method, f"{ratio:g}", f"{im.n_before}->{im.n_after}", ms, base_ms / ms, rep.flops_ratio,
+                         got))
+            if ratio == min(ratios):
+                at_smallest[f"{method}@{im.n_after}"] = got
+            panels[0][-1].save(out / f"kept_{method}_{ratio:g}.png")
+            bar.update(1)
+    bar.close()
+
+    print(f"{'method':>10} {'ratio':>5} {'visual':>9} {'prefill ms':>10} {'speed-up':>8} {'LLM FLOPs':>9} "
+          f"{'correct':>8} {'same as unpruned':>16}")
+    for method, ratio, vis, ms, sp, fl, got in rows:
+        ok = sum(g == t for g, t in zip(got, truth))
+        same = sum(g == b for g, b in zip(got, base))
+        print(f"{method:>10} {ratio:>5} {vis:>9} {ms:>10.1f} {sp:>7.2f}x {fl:>9.0%} {f'{ok}/{len(truth)}':>8} "
+              f"{f'{same}/{len(base)}':>16}")
+
+    print(f"\nanswers (unpruned and at keep ratio {min(ratios):g}; * = wrong):")
+    print(f"{'question':<34} {'truth':>7} " + " ".join(f"{c:>14}" for c in at_smallest))
+    for i, it in enumerate(items):
+        cells = " ".join(f"{got[i] + ('*' if got[i] != truth[i] else ''):>14}" for got in at_smallest.values())
+        print(f"{it.qa.question:<34} {truth[i]:>7} {cells}")
+    for k, ps in panels.items():
+        stack(ps, columns=len(ratios)).save(out / f"kept_sample{k}.png")
+    stack(panels[0], columns=len(ratios)).save(out / "kept_all.png")
+    print(f"\npictures: {out}/kept_all.png (sample 0, one row per method), kept_sample<k>.png for samples "
+          f"0..{len(panels) - 1}, kept_<method>_<ratio>.png")
 
 
 def run_viz(image: Path, method: str, keep: int, model_name: str, out: Path, question: str) -> None:
+    """Prune ``model_name`` ("llava" / "qwen2_vl" demo model, or a local model directory) with ``method`` at ``keep``
+    tokens, answer ``question`` about ``image`` and draw the kept patches."""
     from PIL import Image
 
     import vtprune
 
+    from .demo_models import DEMO_MODELS, IMAGE_SIZE, build_prompt, demo_model, parse_answer
     from .viz import panel
 
-    if model_name in ("demo", "llava", "llava_next"):
-        from .testing import tiny_llava
-
-        model, proc = demo_model() if model_name == "demo" else tiny_llava(model_name)
+    img = Image.open(image).convert("RGB")
+    if model_name in DEMO_MODELS:
+        model, proc = demo_model(model_name)
+        img = img.resize((IMAGE_SIZE[model_name],) * 2)
+        prompt = build_prompt(model_name, question)
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(model_name).eval()
-        proc = AutoProcessor.from_pretrained(model_name)
-    img = Image.open(image).convert("RGB")
-    inputs = proc(images=[img], text=[f"USER: <image>\n{question} ASSISTANT:"], return_tensors="pt")
-    vtprune.prune(model, method=method, keep=keep)
+        model = AutoModelForImageTextToText.from_pretrained(model_name, local_files_only=True).eval()
+        proc = AutoProcessor.from_pretrained(model_name, local_files_only=True)
+        prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                         {"type": "text", "text": question}]}],
+                                          add_generation_prompt=True)
+    inputs = proc(images=[img], text=[prompt], return_tensors="pt")
+    tok = getattr(proc, "tokenizer", proc)
     with torch.no_grad():
-        model(**inputs)
-    rep = vtprune.last_report(model)
+        ref = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    vtprune.prune(model, method=method, keep=keep)
+    try:
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        rep = vtprune.last_report(model)
+    finally:
+        vtprune.unprune(model)
+    n = inputs["input_ids"].shape[1]
     print(rep)
+    for label, x in (("unpruned", ref), (f"{method} keep {keep}", ids)):
+        print(f"{label:>24}: {parse_answer(tok.decode(x[0, n:], skip_special_tokens=True))!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    panel(img, rep.images[0], f"{method} keep {keep}").save(out)
+    panel(img, rep.images[0], f"{method} keep {rep.images[0].n_after}/{rep.images[0].n_before}").save(out)
     print(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .demo_models import DEMO_MODELS
+
     p = argparse.ArgumentParser(prog="vtprune", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="prune the default model at several budgets; print speed-ups; write pictures")
+    d = sub.add_parser("demo", help="run the shipped demo model unpruned and pruned; answers, speed-ups, pictures")
     d.add_argument("--out", type=Path, default=Path("demo_out"))
-    d.add_argument("--family", default="llava", choices=sorted(DESCRIPTION), help="model family of the demo model")
-    d.add_argument("--budgets", default=None, help="comma-separated visual tokens per image (default per family)")
-    d.add_argument("--methods", default="fastervlm,divprune,holov,vflowopt,uniform,random,fastv")
-    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--model", default="llava", choices=DEMO_MODELS, help="shipped demo model")
+    d.add_argument("--ratios", default="0.5,0.25,0.11,0.05", help="comma-separated keep ratios of visual tokens")
+    d.add_argument("--methods", default="fastervlm,divprune,holov,vflowopt,random")
+    d.add_argument("--samples", type=int, default=10, help="held-out questions answered per configuration")
+    d.add_argument("--repeats", type=int, default=5)
     v = sub.add_parser("viz", help="picture of the tokens a method keeps on your image")
     v.add_argument("image", type=Path)
     v.add_argument("--method", default="fastervlm")
-    v.add_argument("--keep", type=int, default=64)
-    v.add_argument("--model", default="demo", help="'demo', 'llava', 'llava_next' or a local model directory")
-    v.add_argument("--question", default="Describe the image.")
+    v.add_argument("--keep", type=int, default=28)
+    v.add_argument("--model", default="llava", help="'llava' or 'qwen2_vl' (shipped demo models) or a local model "
+                   "directory")
+    v.add_argument("--question", default="what colour is the circle?")
     v.add_argument("--out", type=Path, default=Path("demo_out/viz.png"))
     a = p.parse_args(argv)
-    torch.manual_seed(0)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    import vtprune
+
+    for m in a.methods.split(",") if a.cmd == "demo" else [a.method]:
+        if m not in vtprune.list_methods():
+            p.error(f"unknown method {m!r}; valid choices: {', '.join(vtprune.list_methods())}")
     if a.cmd == "demo":
-        budgets = a.budgets or BUDGETS[a.family]
-        run_demo(a.out, [int(x) for x in budgets.split(",")], a.methods.split(","), a.repeats, a.family)
+        run_demo(a.out, [float(x) for x in a.ratios.split(",")], a.methods.split(","), a.repeats, a.model, a.samples)
     else:
         run_viz(a.image, a.method, a.keep, a.model, a.out, a.question)
 

@@ -147,15 +147,19 @@ class PruneConfig:
                positions: str = "preserve", seed: int = 0, layer: int | None = None, **options: Any) -> PruneConfig:
         return cls([StageSpec(method, keep, keep_ratio, layer, options=options)], positions, seed)
 
-    def resolved(self, n_layers: int) -> PruneConfig:
+    def resolved(self, n_layers: int, vision_stage: bool = True) -> PruneConfig:
         """Concrete stages for a language model of ``n_layers`` decoder layers: an llm-only method without ``layer``
-        gets its default layer (FastV: 2) or its multi-stage schedule (PyramidDrop, ATP)."""
+        gets its default layer (FastV: 2) or its multi-stage schedule (PyramidDrop, ATP). ``vision_stage=False``
+        (the family's tower cannot be pruned inside): a vision-stage method that also runs in the LLM (FlowCut) moves
+        to its default LLM layer."""
         from .registry import get_selector
 
         out: list[StageSpec] = []
         for s in self.stages:
             spec = get_selector(s.method)
-            if s.where != "llm:auto":
+            if s.where == "vision" and not vision_stage and "llm" in spec.stages:
+                out.append(StageSpec(s.method, s.keep, s.keep_ratio, spec.default_layer, options=dict(s.options)))
+            elif s.where != "llm:auto":
                 out.append(s)
             elif spec.schedule:
                 opts = {k: v for k, v in s.options.items() if k != "schedule"}

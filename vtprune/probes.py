@@ -167,3 +167,15 @@ def flow_stats(query, key, value, attention_mask, scaling, kwargs) -> torch.Tens
     sem = torch.softmax(torch.matmul(v[:, :, :1], v.transpose(-1, -2))[:, :, 0], dim=-1).mean(1)
     norm = v.mean(1).abs().sum(-1)
     return torch.stack([a, sem, norm], 1)
+
+
+def last_flow_stats(query, key, value, attention_mask, scaling, kwargs) -> torch.Tensor:
+    """FlowCut's LLM-stage statistics from the last query (the last prompt token under left padding): [B, 3, L] =
+    (softmax(q_last·Kᵀ/√d), head mean; softmax(v_last·Vᵀ/√d), head mean; ‖mean_h v_j‖₁), padding masked."""
+    mask = attention_mask[:, :, -1:, : key.shape[-2]] if attention_mask is not None and attention_mask.dim() == 4 \
+        else None
+    a = _probs(query[:, :, -1:], key, scaling, mask)[:, :, 0].mean(1)
+    sem = _probs(value[:, :, -1:], value, scaling, mask)[:, :, 0].mean(1)
+    norm = value.float().mean(1).abs().sum(-1)
+    return torch.stack([a, sem, norm], 1)
+

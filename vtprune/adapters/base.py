@@ -58,6 +58,8 @@ class Adapter:
 
     #: signals this family can provide
     provides: tuple[str, ...] = ()
+    #: True where ``encode_vision`` prunes inside the vision tower (else FlowCut runs its LLM-stage variant)
+    vision_stage: bool = False
     #: call arguments that only feed the vision encoder; the pruned call gets features instead
     encoder_keys: tuple[str, ...] = ("pixel_values", "image_sizes")
 
@@ -118,7 +120,8 @@ class Adapter:
     def encode_vision(self, kwargs: dict[str, Any], stage: StageSpec, spec: SelectorSpec) -> list[ImageTokens]:
         """Run the vision encoder with pruning inside it; images come back with ``kept`` set."""
         raise ValueError(f"method {spec.name!r} prunes inside the vision encoder, which vtprune supports for LLaVA-1.5 "
-                         f"(llava) so far, not {self.model.config.model_type!r}; use a pre_llm method instead")
+                         f"(llava) so far, not {self.model.config.model_type!r}; give layer=K for its LLM-stage "
+                         "variant or use a pre_llm method")
 
     def package(self, features: list[torch.Tensor]) -> Any:
         """Kept features per image -> the ``pooler_output`` this family's forward expects (a list by default)."""

@@ -39,6 +39,7 @@ def _vision_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
 
 class LlavaAdapter(Adapter):
     provides = ("cls_attention", "cls_logits", "vflow_importance", "flow_stats", "grid")
+    vision_stage = True
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -189,6 +190,7 @@ class LlavaAdapter(Adapter):
 class LlavaNextAdapter(LlavaAdapter):
     provides = ("cls_attention", "cls_logits", "vflow_importance", "grid", "crop_ids", "coords")
     encode_vision = Adapter.encode_vision  # AnyRes packing after in-encoder pruning is not supported yet
+    vision_stage = False
 
     def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches

@@ -27,10 +27,15 @@ import torch
 
 from ..config import PruneConfig, StageSpec
 from ..kernels import gather_tokens
-from ..probes import Capture, last_row, probe_name
+from ..probes import Capture, last_flow_stats, last_row, probe_name
 from ..registry import get_selector
 from ..report import ImageReport, PruneReport, Timer, prefill_flops
 from .base import left_compact
+
+#: selector signals an llm:K stage can provide, each read from layer K−1's attention call (last prompt token)
+LLM_SIGNALS = {"text_attention": last_row, "flow_stats": last_flow_stats}
+SIGNAL_NAMES = {"text_attention": "text_attention(last prompt token", "flow_stats": "flow_stats(last prompt token's "
+                "query and value"}
 
 
 class LLMStages:
@@ -43,7 +48,9 @@ class LLMStages:
                                                      if s.layer is not None]
         self.layers = adapter.decoder_layers()
         self.stage_at = {s.layer: i for i, (s, _) in enumerate(self.stages)}
-        self.probe_layers = sorted({s.layer - 1 for s, spec in self.stages if "text_attention" in spec.requires})
+        # (layer, signal) pairs to capture: layer K-1 for every stage at K whose selector needs an LLM signal
+        self.probes = sorted({(s.layer - 1, r) for s, spec in self.stages for r in spec.requires if r in LLM_SIGNALS})
+        self.probe_layers = sorted({layer for layer, _ in self.probes})
         self.handles: list[Any] = []
         self._saved_impl: str | None = None
         self.phase: str | None = None
@@ -107,7 +114,7 @@ class LLMStages:
                 self.session["ids"] = input_ids
             elif input_ids.shape[1] >= first.shape[1] and torch.equal(input_ids[:, : first.shape[1]], first):
                 self.replay = self.session["stage_cur"]  # same generate call, no cache: reuse the first decisions
-        self.captures = {layer: Capture(self.layers[layer].self_attn, last_row) for layer in self.probe_layers}
+        self.captures = {(layer, r): Capture(self.layers[layer].self_attn, LLM_SIGNALS[r]) for layer, r in self.probes}
         for c in self.captures.values():
             c.__enter__()
         if self.replay is not None:
@@ -189,13 +196,13 @@ class LLMStages:
         valid = cur >= 0
         img = self.img.gather(1, cur.clamp(min=0)).masked_fill(~valid, -1)
         keep = valid & (img < 0)
-        row = None
-        if "text_attention" in spec.requires:
-            res = self.captures[stage.layer - 1].results
+        rows: dict[str, torch.Tensor] = {}
+        for r in (r for r in spec.requires if r in LLM_SIGNALS):
+            res = self.captures[(stage.layer - 1, r)].results
             if not res:
                 raise RuntimeError("vtprune: the language-model attention probe did not fire; the attention "
                                    "implementation was changed after prune — unprune and prune again")
-            row = res[-1]  # [B, L_cur]: the last prompt token's attention in layer K-1
+            rows[r] = res[-1]  # [B, L_cur] or [B, C, L_cur]: from the last prompt token in layer K-1
         timer = Timer(hidden.device)
         with timer:
             for bi in range(b):
@@ -208,8 +215,8 @@ class LLMStages:
                         keep[bi, pos] = True
                         continue
                     signals: dict[str, Any] = {"seed": torch.tensor([self.seed * 1_000_003 + j])}
-                    if row is not None:
-                        signals["text_attention"] = row[bi, pos][None]
+                    for r, row in rows.items():
+                        signals[r] = row[bi][..., pos][None]
                     sel = spec.fn(hidden[bi, pos][None], k, **stage.options, **signals)[0]
                     keep[bi, pos[sel[sel >= 0]]] = True
         self._stage_entries(s, stage, spec, img, keep, timer)
@@ -290,8 +297,9 @@ class LLMStages:
                 kept_lm = self.cur[bi][here & keep[bi]]  # LM-input positions kept
                 entries.append(ImageReport(
                     sample=bi, image=j, kept=torch.searchsorted(first_pos, kept_lm), n_before=int(here.sum()),
-                    method=spec.name, stage=stage.where, signal="text_attention(last prompt token, layer "
-                    f"{stage.layer - 1})" if "text_attention" in spec.requires else "", _timer=timer))
+                    method=spec.name, stage=stage.where, signal=", ".join(
+                        f"{SIGNAL_NAMES[r]}, layer {stage.layer - 1})" for r in spec.requires if r in LLM_SIGNALS),
+                    _timer=timer))
         for e in entries:
             e._share = len(entries)
         self.report.images.extend(entries)

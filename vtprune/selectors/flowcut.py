@@ -10,6 +10,13 @@ stays in front; kept patches stay in ascending order. Later layers therefore run
 ``keep`` patches reach the projector. The encoder-side loop lives with the adapters (they know the tower); this
 file holds the arithmetic, so it is testable alone.
 
+LLM-stage variant (§6.5, FlowCut-Qwen / FlowCut-NeXT second stage): at ``llm:K`` the same score is computed from
+the last prompt token's query and value in decoder layer K−1 (``softmax(q·Kᵀ/√d)``, ``softmax(v·Vᵀ/√d)``, ‖v̄‖₁)
+and the top-``keep`` visual tokens survive with their own positions (preserve; 3-D M-RoPE columns on Qwen). Families
+whose vision tower vtprune cannot prune inside (no [CLS]: Qwen2-VL; AnyRes packing: LLaVA-NeXT; pixel shuffle:
+InternVL) get this variant at its default layer 2 (after decoder layer 1, as in the reference) when ``prune(...,
+method="flowcut")`` names no layer; the report's ``stage`` says ``llm:2``.
+
 ``select_tokens("flowcut", ...)`` runs one step of the score on given statistics (``flow_stats[B, 3, N]``), which is
 what a single-layer FlowCut would keep; the real method needs the encoder (``vtprune.prune(model, method=
 "flowcut", keep=...)``).
@@ -50,6 +57,6 @@ def flowcut_select(features: torch.Tensor, keep: int, *, valid_mask: torch.Tenso
     return topk_sorted(flow_score(flow_stats), keep, valid_mask).to(features.device)
 
 
-SPEC = SelectorSpec(name="flowcut", fn=flowcut_select, requires=("flow_stats",), stages=("vision",),
-                    options={"decay": 0.5}, newlines="keep",
+SPEC = SelectorSpec(name="flowcut", fn=flowcut_select, requires=("flow_stats",), stages=("vision", "llm"),
+                    options={"decay": 0.5}, newlines="keep", default_layer=2,
                     description="FlowCut: progressive information-flow pruning inside the vision encoder")
