@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .adapters.base import cached_length
 from .config import PruneConfig
 from .registry import get_adapter_class, get_selector
 from .report import PruneReport
@@ -185,8 +186,7 @@ def _forward_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, An
     if state is None or not state.enabled:
         return None
     kw = _bind(type(module).forward, args, kwargs, skip=1)
-    cache = kw.get("past_key_values")
-    cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    cached = cached_length(kw)
     new = None
     if cached > 0:
         # a decode step of the caller's own loop after a pruned prefill (generate keeps its own positions)

@@ -20,6 +20,15 @@ from ..report import ImageReport, PruneReport, Timer, prefill_flops
 from ..selectors.base import SelectorSpec
 
 
+def cached_length(kwargs: dict[str, Any]) -> int:
+    """Tokens already in the KV cache of a forward call (0 for a prefill). transformers 5.24 renamed the forward
+    argument ``past_key_values`` to ``cache`` (the old name is deprecated until 5.40): accept both."""
+    cache = kwargs.get("cache")
+    if cache is None:
+        cache = kwargs.get("past_key_values")
+    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+
 def left_compact(keep: torch.Tensor) -> torch.Tensor:
     """keep BoolTensor[B, L] -> LongTensor[B, L'] of the kept positions in their order, rows left-padded with -1.
 
@@ -162,8 +171,7 @@ class Adapter:
                                  "`with vtprune.disabled(model):` to use the unpruned model")
         if kwargs.get("pixel_values") is None:
             return None
-        cache = kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        if cached_length(kwargs) > 0:
             return None
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
