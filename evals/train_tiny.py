@@ -1,7 +1,14 @@
 """Train the shipped demo models from scratch on the synthetic visual-QA task (``vtprune/synth.py``).
 
-    python evals/train_tiny.py --family llava    --seed 0 --out vtprune/assets/llava
-    python evals/train_tiny.py --family qwen2_vl --seed 0 --out vtprune/assets/qwen2_vl
+    python evals/train_tiny.py --family llava --seed 0 --out vtprune/assets/llava --steps 2400 --no-bf16 \
+        --max-minutes 59 --eval-every 400
+    python evals/train_tiny.py --family qwen2_vl --seed 0 --out vtprune/assets/qwen2_vl --steps 1250 --pool 4000 \
+        --no-bf16 --max-minutes 59 --eval-every 250
+
+are the commands of the shipped models (2-core CPU, one thread each, both at once). ``--max-minutes`` is a wall-clock
+stop: the shipped LLaVA model stopped at step 2173 of 2400, so a faster machine runs more steps than it did; the
+step count that ran is in ``training.json``. Use ``--no-bf16`` on CPUs without native bf16 (no AVX512-BF16/AMX):
+bf16 autocast is emulated there and about 10x slower.
 
 Real transformers classes, random init from a config (``vtprune.testing`` builders): ``LlavaForConditionalGeneration``
 (CLIP-style ViT with [CLS], 224 px / patch 14 -> 256 visual tokens, MLP projector, Llama) and

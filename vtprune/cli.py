@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--out", type=Path, default=Path("demo_out"))
     d.add_argument("--model", default="llava", choices=DEMO_MODELS, help="shipped demo model")
     d.add_argument("--ratios", default="0.5,0.25,0.11,0.05", help="comma-separated keep ratios of visual tokens")
-    d.add_argument("--methods", default="fastervlm,divprune,holov,vflowopt,random")
+    d.add_argument("--methods", default="fastervlm,divprune,holov,vflowopt,flowcut,random")
     d.add_argument("--samples", type=int, default=10, help="held-out questions answered per configuration")
     d.add_argument("--repeats", type=int, default=5)
     v = sub.add_parser("viz", help="picture of the tokens a method keeps on your image")
