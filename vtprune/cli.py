@@ -79,7 +79,7 @@ def run_demo(out: Path, ratios: list[float], methods: list[str], repeats: int, n
 
     def answers() -> list[str]:
         with torch.no_grad():
-            ids = model.generate(**batch, max_new_tokens=4, do_sample=False, eos_token_id=tok.eos_token_id,
+            ids = model.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)
         return [parse_answer(t) for t in tok.batch_decode(ids[:, batch["input_ids"].shape[1]:],
                                                           skip_special_tokens=True)]
