@@ -224,7 +224,8 @@ def _plot_pil(recs: list[dict[str, Any]], path: Path, title: str) -> None:
     models = sorted({r["model"] for r in recs})
     types = ["all", *S.QUESTION_TYPES]
     methods = sorted({r["method"] for r in recs} - {"none"})
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0)]
     cw, ch, pad = 220, 180, 30
     img = Image.new("RGB", (cw * len(types), ch * len(models) + 60), "white")
     d = ImageDraw.Draw(img)
