@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -290,14 +292,16 @@ def test_callers_own_decode_loop_matches_generate(family, positions):
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
+        # transformers >= 5.24 names the cache argument and output field `cache` (`past_key_values` is deprecated)
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         out = model(**inputs, use_cache=True)
-        cache, mask = out.past_key_values, inputs["attention_mask"]
+        cache, mask = getattr(out, name), inputs["attention_mask"]
         logits = [out.logits[:, -1]]
         for _ in range(5):
             tok = logits[-1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
-            out = model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=tok, attention_mask=mask, use_cache=True, **{name: cache})
+            cache = getattr(out, name)
             logits.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(logits), torch.stack(ref.logits), rtol=0, atol=1e-5)
 
