@@ -137,9 +137,10 @@ class Batcher:
 
         With ``kinds`` (the per-token object classes [B, 256] of :func:`cell_labels`) it also returns
         ``"attn_targets"``: (sample, position of the last prompt token of a turn, BoolTensor[256] of the visual
-        tokens showing what the question is about) for the attention-supervision warm-up.
+        tokens showing what the question is about) for the attention-supervision warm-up. It always returns
+        ``"turns"``: (sample, position of the last prompt token, QA) of every turn, for :class:`TurnProbe`.
         """
-        seqs, labs, targets = [], [], []
+        seqs, labs, targets, turns = [], [], [], []
         for b, qa_list in enumerate(qas):
             seq: list[int] = []
             lab: list[int] = []
@@ -149,6 +150,7 @@ class Batcher:
                 a = self.ids(qa.answer) + [self.eos]  # no leading space: see PROMPTS
                 seq += p + a
                 lab += [-100] * len(p) + a
+                turns.append((b, len(seq) - len(a) - 1, qa))
                 if kinds is not None:
                     tgt = referent_tokens(qa, kinds[b])
                     if tgt is not None:
@@ -168,6 +170,7 @@ class Batcher:
             out["mm_token_type_ids"] = (ids == self.image_token_id).long()
         if kinds is not None:
             out["attn_targets"] = targets
+        out["turns"] = turns
         return out
 
 
@@ -249,6 +252,47 @@ class AuxHead(torch.nn.Module):
         idx = {"kind": 0, "colour": 1, "quadrant": 2}
         losses = [torch.nn.functional.cross_entropy(self.heads[t](feats).flatten(0, 1).float(),
                                                     labels[:, idx[t]].flatten().long()) for t in self.targets]
+        return sum(losses) / len(losses)
+
+
+class TurnProbe(torch.nn.Module):
+    """Training-only linear heads on an LM layer's hidden state at each turn's last prompt token (discarded after
+    training). They name the two facts a yes/no or left/right answer combines, so that each can be learnt on its
+    own: the colour the question asks about (existence), and the named shape's actual colour (or "absent") and
+    quadrant (attribute, existence, location). Without them the equality check of existence never left chance."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.asked = torch.nn.Linear(dim, len(S.COLOURS))
+        self.actual = torch.nn.Linear(dim, len(S.COLOURS) + 1)
+        self.quadrant = torch.nn.Linear(dim, 4)
+
+    @staticmethod
+    def targets(turns: list, scenes: list[S.Scene]) -> torch.Tensor:
+        """[T, 5] long: sample, position, asked colour, actual colour (len(COLOURS) = absent), quadrant; -100 where
+        a target does not apply. ``scenes[b]`` is sample b's scene."""
+        names = list(S.COLOURS)
+        rows = []
+        for b, pos, qa in turns:
+            words = qa.question.rstrip("?").split()
+            named = [k for k in S.SHAPES if k in words]
+            if qa.qtype not in ("attribute", "existence", "location") or not named:
+                continue
+            shape = next((s for s in scenes[b].shapes if s.kind == named[0]), None)
+            asked = names.index(words[-2]) if qa.qtype == "existence" else -100
+            actual = names.index(shape.colour) if shape is not None else len(names)
+            quad = -100 if shape is None else (shape.cy >= 0.5) * 2 + (shape.cx >= 0.5)
+            rows.append([b, pos, asked, actual, quad])
+        return torch.tensor(rows, dtype=torch.long).reshape(-1, 5)
+
+    def forward(self, hidden: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """hidden [B, L, D], tgt [T, 5] of :meth:`targets` -> mean cross-entropy of the three heads."""
+        if len(tgt) == 0:
+            return hidden.new_zeros(())
+        h = hidden[tgt[:, 0], tgt[:, 1]].float()
+        ce = torch.nn.functional.cross_entropy
+        losses = [ce(head(h), tgt[:, k], ignore_index=-100) for head, k in
+                  ((self.asked, 2), (self.actual, 3), (self.quadrant, 4)) if bool((tgt[:, k] >= 0).any())]
         return sum(losses) / len(losses)
 
 
@@ -336,6 +380,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attn-sup-layer", type=int, default=1)
     p.add_argument("--attn-sup-heads", default="0")
     p.add_argument("--attn-sup-until", default="0.4,0.6")
+    p.add_argument("--probe-weight", type=float, default=0.5,
+                   help="weight of the training-only turn probe (asked colour, named shape's colour / absent and "
+                        "quadrant read from LM layer --probe-layer's output at each turn's last prompt token; 0: off)")
+    p.add_argument("--probe-layer", type=int, default=1)
     p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"])
     for k in ("vision_hidden", "vision_layers", "text_hidden", "text_layers", "lm_heads", "lm_kv_heads"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
@@ -379,7 +427,13 @@ def main(argv: list[str] | None = None) -> None:
     if lm_aux is not None:
         model.model.language_model.layers[1].register_forward_pre_hook(
             lambda m, args, kw: captured.__setitem__("h", args[0] if args else kw["hidden_states"]), with_kwargs=True)
+    probe = TurnProbe(model.config.text_config.hidden_size) if a.probe_weight > 0 else None
+    if probe is not None:
+        model.model.language_model.layers[a.probe_layer].register_forward_hook(
+            lambda m, i, o: captured.__setitem__("probe", o[0] if isinstance(o, tuple) else o))
     named = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux.named_parameters()]
+    if probe is not None:
+        named += [("probe." + n, p) for n, p in probe.named_parameters()]
     if lm_aux is not None:
         named += [("lm_aux." + n, p) for n, p in lm_aux.named_parameters()]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
@@ -402,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         w_att = a.attn_sup * float(np.clip((sup_end - step / steps) / max(1e-9, sup_end - sup_start), 0.0, 1.0))
         batch = batcher.batch(pool[sel], qas, kinds=pool_labels[sel, 0] if w_att > 0 else None)
         targets = batch.pop("attn_targets", None)
+        turns = batch.pop("turns")
         if (w_att > 0) != sup_on:  # eager LM attention only while the supervision needs the probabilities
             sup_on = w_att > 0
             model.set_attn_implementation({"text_config": "eager" if sup_on else "sdpa"})
@@ -420,7 +475,9 @@ def main(argv: list[str] | None = None) -> None:
             att_loss = attention_supervision_loss(out.attentions[a.attn_sup_layer], targets,
                                                   batch["input_ids"] == batcher.image_token_id, sup_heads) \
                 if sup_on else torch.zeros(())
-        (loss + a.aux_weight * aux_loss + w_att * att_loss).backward()
+            probe_loss = probe(captured.pop("probe"), TurnProbe.targets(turns, [scenes[i] for i in idx])) \
+                if probe is not None else torch.zeros(())
+        (loss + a.aux_weight * aux_loss + w_att * att_loss + a.probe_weight * probe_loss).backward()
         gn = torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -429,7 +486,8 @@ def main(argv: list[str] | None = None) -> None:
         el = time.time() - t_train
         if done % 25 == 0 or done == 1:
             print(f"step {done:5d}/{steps} loss {loss.item():.4f} (ema {ema:.4f}) aux {aux_loss.item():.3f} "
-                  f"att {att_loss.item():.3f} grad {gn:.2f} lr {opt.param_groups[0]['lr']:.2e} | "
+                  f"att {att_loss.item():.3f} probe {probe_loss.item():.3f} "
+                  f"grad {gn:.2f} lr {opt.param_groups[0]['lr']:.2e} | "
                   f"{el / done:.2f} s/step, {el / 60:.1f} min", flush=True)
         if done % a.eval_every == 0 and done < steps:
             res = evaluate(model, processor, family, quick)
@@ -480,6 +538,10 @@ def main(argv: list[str] | None = None) -> None:
                      "what": "training-only linear heads on the visual tokens entering the LM predict each token's "
                              "object class / colour / quadrant from the scene geometry (lm_layer0_targets: the "
                              "same from the visual tokens' hidden states after LM layer 0); discarded after training"},
+        "turn_probe": {"weight": a.probe_weight, "layer": a.probe_layer,
+                       "what": "training-only linear heads on LM layer `layer`'s output at each turn's last prompt "
+                               "token: the colour an existence question asks about, the named shape's actual "
+                               "colour (or absent) and its quadrant; discarded after training"},
         "loss_ema_final": ema,
         "train_minutes": round(train_s / 60, 2),
         "total_minutes": round((time.time() - t_start) / 60, 2),

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import vtprune
 from vtprune.selectors.flowcut import cut_amount
-from vtprune.testing import tiny_image, tiny_llava
+from vtprune.testing import tiny_image, tiny_internvl, tiny_llava
 
 
 def _model():
@@ -97,6 +98,126 @@ def test_flowcut_generate_cache_parity_and_batch_equals_single():
             one = model.generate(**proc(images=imgs[s:s + 1], text=texts[s:s + 1], return_tensors="pt"), **kw)
             torch.testing.assert_close(torch.stack(a.logits)[:, s], torch.stack(one.logits)[:, 0], rtol=0,
                                        atol=1e-5)
+
+
+def _internvl():
+    model, proc = tiny_internvl(vision_layers=5, image_size=112)  # 8x8 patches -> 16 tokens per tile
+    for layer in model.model.vision_tower.encoder.layer:  # init layer scale 0.1 hides what attention mixes in
+        layer.lambda_1.data.fill_(1.0)
+        layer.lambda_2.data.fill_(1.0)
+    return model, proc
+
+
+INTERNVL_PROMPT = "user: <IMG_CONTEXT>\nwhat colour? assistant:"
+
+
+def _internvl_hand_loop(model, tile, target):
+    """InternViT run by hand on one tile: eager statistics per layer, FlowCut schedule over whole 2x2 blocks (block
+    (i, j) = patches (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1)), the kept patches scattered back onto the full
+    grid before the model's pixel shuffle. Returns the kept blocks' LLM features and the kept block indices."""
+    vt, base = model.model.vision_tower, model.model
+    layers = vt.encoder.layer
+    read = len(layers) - 1
+    h = vt.embeddings(tile)
+    side = int(round((h.shape[1] - 1) ** 0.5))
+    half = side // 2
+    blocks = torch.tensor([[(2 * i + di) * side + 2 * j + dj for di in (0, 1) for dj in (0, 1)]
+                           for i in range(half) for j in range(half)])
+    units = torch.arange(blocks.shape[0])
+    cum = None
+    for i in range(read + 1):
+        attn = layers[i].attention
+        x = layers[i].layernorm_before(h)
+        b, t, _ = x.shape
+        q = attn.q_norm(attn.q_proj(x)).view(b, t, attn.num_heads, -1).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(x)).view(b, t, attn.num_heads, -1).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, attn.num_heads, -1).transpose(1, 2)
+        h = layers[i](h)
+        if i == read or units.numel() <= target:
+            continue
+        patches = blocks[units].flatten().sort().values
+        pos = torch.searchsorted(patches, blocks[units])  # each kept block's patches in the current sequence
+        a = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2) * attn.scale, -1)[:, :, 0].mean(1)[0, 1:]
+        s = torch.softmax((v[:, :, :1] @ v.transpose(-1, -2))[:, :, 0], -1).mean(1)[0, 1:]
+        nrm = v.mean(1).abs().sum(-1)[0, 1:]
+        f = ((a / a.sum() + s / s.sum()) * nrm)[pos].sum(-1)
+        cum = f if cum is None else 0.5 * cum + 0.5 * f
+        rho = (read - 1) - i
+        if rho % 2:
+            continue
+        if rho > 0:
+            p = a[pos].sum(-1)
+            p = p / p.sum()
+            ent = float(-(p * p.log()).sum())
+            n_cur = units.numel()
+            new = max(n_cur - round((n_cur - target) / math.sqrt(rho) * (1 - (ent / math.log(n_cur)) ** 2)), target)
+        else:
+            new = target
+        keep = torch.sort(cum, descending=True, stable=True).indices[:new].sort().values
+        units, cum = units[keep], cum[keep]
+        rows = torch.searchsorted(patches, blocks[units].flatten().sort().values)
+        h = torch.cat([h[:, :1], h[:, 1:][:, rows]], 1)
+    full = h.new_zeros(1, side * side, h.shape[-1])
+    full[:, blocks[units].flatten().sort().values] = h[:, 1:]
+    feats = base.pixel_shuffle(vt.layernorm(full).view(1, side, side, -1), 0.5).reshape(1, -1, 4 * h.shape[-1])
+    return base.multi_modal_projector(feats)[0, units], units
+
+
+def test_internvl_flowcut_prunes_whole_blocks_inside_internvit():
+    """Exactly ``keep`` tokens per image (a multi-tile image splits it over its tiles), each the shuffle of a 2x2
+    block that survived the tower, equal to a test-side InternViT loop; the tower really ran on fewer tokens."""
+    model, proc = _internvl()
+    imgs = [tiny_image(200, 100, seed=0), tiny_image(112, 112, seed=1)]  # 2 crops + thumbnail; one tile
+    inputs = proc(images=imgs, text=[INTERNVL_PROMPT] * 2, return_tensors="pt", padding=True)
+    seen = []
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: seen.append(o))
+    vtprune.prune(model, method="flowcut", keep=7)
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    rep = vtprune.last_report(model)
+    assert [(im.stage, im.n_before, im.n_after) for im in rep.images] == [("vision", 48, 7), ("vision", 16, 7)]
+    with torch.no_grad():
+        targets = [3, 2, 2, 7]  # 7 over three tiles: the first tile takes the remainder
+        kept = []
+        for t, target in enumerate(targets):
+            tile = inputs["pixel_values"][t:t + 1]
+            feats, units = _internvl_hand_loop(model, tile, target)
+            assert units.numel() == target
+            torch.testing.assert_close(seen[t][0, units], feats, rtol=0, atol=1e-5)
+            kept.append(units + 16 * t if t < 3 else units)
+            with vtprune.disabled(model):
+                full = model.model.get_image_features(pixel_values=tile, vision_feature_layer=-1,
+                                                      vision_feature_select_strategy="default").pooler_output[0]
+            assert not torch.allclose(full[units], feats, atol=1e-4)
+        assert torch.equal(rep.images[0].kept, torch.cat(kept[:3])) and torch.equal(rep.images[1].kept, kept[3])
+
+
+def test_internvl_flowcut_generate_cache_parity_and_batch_equals_single():
+    model, proc = _internvl()
+    imgs = [tiny_image(200, 100, seed=3), tiny_image(112, 112, seed=4)]
+    texts = [INTERNVL_PROMPT, "user: <IMG_CONTEXT>\nhow many shapes are there? assistant:"]
+    vtprune.prune(model, method="flowcut", keep=5)
+    kw = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
+              suppress_tokens=[model.config.image_token_id, model.generation_config.eos_token_id or 2])
+    with torch.no_grad():
+        both = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
+        a = model.generate(**both, **kw)
+        assert [im.n_after for im in vtprune.last_report(model).images] == [5, 5]
+        b = model.generate(**both, use_cache=False, **kw)
+        torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=0, atol=1e-5)
+        for s in range(2):
+            one = model.generate(**proc(images=imgs[s:s + 1], text=texts[s:s + 1], return_tensors="pt"), **kw)
+            torch.testing.assert_close(torch.stack(a.logits)[:, s], torch.stack(one.logits)[:, 0], rtol=0,
+                                       atol=1e-5)
+
+
+def test_internvl_flowcut_refuses_other_feature_layers():
+    model, proc = _internvl()
+    inputs = proc(images=[tiny_image(112, 112, seed=0)], text=[INTERNVL_PROMPT], return_tensors="pt")
+    vtprune.prune(model, method="flowcut", keep=5)
+    with torch.no_grad(), pytest.raises(ValueError, match="vision_feature_layer=-1"):
+        model(**inputs, vision_feature_layer=-2)
 
 
 def test_cut_amount_schedule():

@@ -285,7 +285,7 @@ def test_flowcut_llm_stage_scores_from_hand_computed_qkv(family):
     assert torch.equal(entry.kept, expect)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next", "internvl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next"])
 def test_flowcut_without_a_vision_stage_runs_in_the_llm(family):
     """No in-encoder FlowCut for this tower: prune(method="flowcut") without a layer runs the LLM-stage variant at its
     default layer 2 (after decoder layer 1), says so in the report and keeps exactly ``keep`` per image, with the

@@ -7,6 +7,8 @@ asked for, plus the token layout); this file assigns images to samples, runs the
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +17,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..config import PruneConfig, StageSpec
 from ..kernels import gather_tokens
-from ..probes import Capture, probe_name
+from ..probes import Capture, flow_stats, probe_name
 from ..report import ImageReport, PruneReport, Timer, prefill_flops
-from ..selectors.base import SelectorSpec
+from ..selectors.base import SelectorSpec, topk_sorted
+from ..selectors.flowcut import cut_amount, flow_score
 
 
 def cached_length(kwargs: dict[str, Any]) -> int:
@@ -60,6 +63,78 @@ class ImageTokens:
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     signal_source: str = ""
     kept: torch.Tensor | None = None  # set when the tokens were already chosen inside the encoder (vision stage)
+
+
+def flowcut_in_tower(adapter: Adapter, layers: Any, attention: Any, read: int, target: int, decay: float,
+                     run: Any, groups: torch.Tensor, refill: bool = False) -> tuple[Any, torch.Tensor]:
+    """Run ``run()`` (one image through a [CLS]-first ViT) with FlowCut pruning between its layers.
+
+    ``layers[read]`` is the layer whose output is read; ``attention(i)`` is layer i's attention module (probed for
+    ``flow_stats``). ``groups`` LongTensor[U, g]: the patches of each *unit*, which is kept or dropped whole (a
+    patch: g = 1; InternVL: the 2×2 block that becomes one LLM token); a unit scores the sum of its patches.
+    ``target`` units survive. A pre-hook on layers 1..read drops units from the hidden states (the only per-token
+    input of these layers: no mask, no positions), kept patches staying in ascending order behind [CLS]. With
+    ``refill`` a hook on ``layers[read]`` scatters its output back onto the full patch grid (zeros where dropped),
+    for towers whose feature path needs the whole grid (pixel shuffle). Returns (``run()``'s output, kept units
+    LongTensor[target], ascending).
+    """
+    dev = groups.device
+    n_units = groups.shape[0]
+    n_patches = groups.numel()
+    state: dict[str, Any] = {"cum": None, "units": torch.arange(n_units, device=dev)}
+    caps = [adapter.capture(attention(i), flow_stats) for i in range(read)]
+
+    def current_patches() -> torch.Tensor:
+        return groups[state["units"]].flatten().sort().values
+
+    def before(i: int, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        units = state["units"]
+        if units.numel() <= target:
+            return None
+        patches = current_patches()
+        where = torch.searchsorted(patches, groups[units])  # [u, g]: each unit's patches in the current sequence
+        stats = adapter.captured(caps[i - 1])[-1][:, :, 1:].float()  # patches only; [CLS] stays in front
+        f = flow_score(stats)[:, where].sum(-1)
+        state["cum"] = f if state["cum"] is None else decay * state["cum"] + (1 - decay) * f
+        rho = (read - 1) - (i - 1)  # pruning layers left
+        if rho % 2:
+            return None
+        new = max(units.numel() - cut_amount(stats[:, 0][:, where].sum(-1), target, rho), target) \
+            if rho > 0 else target
+        if new >= units.numel():
+            return None
+        keep = topk_sorted(state["cum"], new)
+        state["cum"], state["units"] = state["cum"].gather(1, keep), units[keep[0]]
+        rows = torch.searchsorted(patches, current_patches())
+        hidden = gather_tokens(hidden, torch.cat([rows.new_zeros(1), rows + 1])[None].expand(hidden.shape[0], -1))
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def after(module: torch.nn.Module, args: tuple, out: Any):
+        hidden = out[0] if isinstance(out, tuple) else out
+        if hidden.shape[1] == n_patches + 1:
+            return None
+        full = hidden.new_zeros(hidden.shape[0], n_patches + 1, hidden.shape[-1])
+        full[:, 0] = hidden[:, 0]
+        full[:, current_patches() + 1] = hidden[:, 1:]
+        return (full, *out[1:]) if isinstance(out, tuple) else full
+
+    handles = []
+    try:
+        with contextlib.ExitStack() as stack:
+            for c in caps:
+                stack.enter_context(c)
+            for i in range(1, read + 1):
+                handles.append(layers[i].register_forward_pre_hook(functools.partial(before, i), with_kwargs=True))
+            if refill:
+                handles.append(layers[read].register_forward_hook(after))
+            out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return out, state["units"]
 
 
 class Adapter:
@@ -128,9 +203,9 @@ class Adapter:
 
     def encode_vision(self, kwargs: dict[str, Any], stage: StageSpec, spec: SelectorSpec) -> list[ImageTokens]:
         """Run the vision encoder with pruning inside it; images come back with ``kept`` set."""
-        raise ValueError(f"method {spec.name!r} prunes inside the vision encoder, which vtprune supports for LLaVA-1.5 "
-                         f"(llava) so far, not {self.model.config.model_type!r}; give layer=K for its LLM-stage "
-                         "variant or use a pre_llm method")
+        raise ValueError(f"method {spec.name!r} prunes inside the vision encoder, which vtprune supports for "
+                         f"LLaVA-1.5 (llava) and InternVL so far, not {self.model.config.model_type!r}; give layer=K "
+                         "for its LLM-stage variant or use a pre_llm method")
 
     def package(self, features: list[torch.Tensor]) -> Any:
         """Kept features per image -> the ``pooler_output`` this family's forward expects (a list by default)."""

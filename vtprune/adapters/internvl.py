@@ -8,6 +8,10 @@ placeholder run in ``input_ids`` of (tiles × tokens per tile) tokens.
 Signal: InternViT has a [CLS] token. Its attention row in the layer that feeds the projector is captured by the
 vision probe; each LLM token scores the **sum** of the [CLS] attention of its four source patches. The 2×2 grouping
 is read by running the model's own ``pixel_shuffle`` on patch indices, so it cannot drift from the features.
+
+FlowCut runs inside InternViT (``encode_vision``): the pixel shuffle needs the whole patch grid, so FlowCut drops
+whole 2×2 blocks (each the source of one LLM token, scored by the sum of its patches) and the last layer's output is
+scattered back onto the full grid (zeros where dropped) before the shuffle; only the kept blocks' tokens are used.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from typing import Any
 import torch
 
 from ..probes import cls_row, global_importance
-from .base import Adapter, ImageTokens
+from .base import Adapter, ImageTokens, flowcut_in_tower
 
 
 class InternVLAdapter(Adapter):
-    provides = ("cls_attention", "vflow_importance", "grid", "crop_ids")
+    provides = ("cls_attention", "vflow_importance", "flow_stats", "grid", "crop_ids")
     encoder_keys = ("pixel_values",)
+    vision_stage = True
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -95,6 +100,53 @@ class InternVLAdapter(Adapter):
                 im.signal_source = "cls_attention(InternViT [CLS] row, summed over each pixel-shuffled 2x2 block)"
             start += n
             images.append(im)
+        return images
+
+    def encode_vision(self, kwargs: dict[str, Any], stage: Any, spec: Any) -> list[ImageTokens]:
+        """FlowCut inside InternViT, one tile at a time (the per-step amount depends on the tile's attention
+        entropy; one amount per batch would make a batch differ from its samples). An image's budget is split
+        evenly over its tiles (the first tiles take the remainder), so exactly ``keep`` tokens per image leave the
+        encoder."""
+        cfg = self.model.config
+        layer = kwargs.get("vision_feature_layer")
+        layer = cfg.vision_feature_layer if layer is None else layer
+        strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+        layers = self.base.vision_tower.encoder.layer
+        if strategy != "default" or layer not in (-1, len(layers)):
+            raise ValueError(f"{spec.name} inside InternViT needs vision_feature_select_strategy='default' and "
+                             f"vision_feature_layer=-1 (the defaults), got {strategy!r} / {layer!r}; give "
+                             f"layer=K for its LLM-stage variant")
+        read = len(layers) - 1
+        vc = cfg.vision_config
+        side_p = vc.image_size[0] // vc.patch_size[0] if isinstance(vc.image_size, (list, tuple)) \
+            else vc.image_size // vc.patch_size
+        pv = kwargs["pixel_values"]
+        groups = self._shuffle_groups(side_p * side_p).to(pv.device)  # [tokens per tile, 4] source patches
+        per_tile = groups.shape[0]
+        tiles = self._tiles_per_image(kwargs["input_ids"], per_tile)
+        if sum(tiles) != pv.shape[0]:
+            raise ValueError(f"the prompts' placeholder runs hold {sum(tiles)} tiles but pixel_values has "
+                             f"{pv.shape[0]}; each image needs its own placeholder run from the processor")
+        if read < 1 and stage.budget(per_tile) < per_tile:
+            raise ValueError(f"{spec.name} needs at least one InternViT layer before the last ({len(layers)} layers)")
+        args = {"vision_feature_layer": layer, "vision_feature_select_strategy": strategy}
+        side = int(round(per_tile ** 0.5))
+        images, start = [], 0
+        for n in tiles:
+            target = stage.budget(n * per_tile)
+            feats, kept = [], []
+            for t in range(n):
+                tile = pv[start + t:start + t + 1]
+                out, idx = flowcut_in_tower(
+                    self, layers, lambda i: layers[i].attention, read, target // n + (t < target % n),
+                    float(stage.options.get("decay", 0.5)),
+                    lambda tile=tile: self.base.get_image_features(pixel_values=tile, return_dict=True, **args),
+                    groups, refill=True)
+                feats.append(out.pooler_output[0])
+                kept.append(idx + t * per_tile)
+            start += n
+            images.append(ImageTokens(features=torch.cat(feats), grid=[(side, side)] * n, kept=torch.cat(kept),
+                                      signal_source="FlowCut information flow, inside InternViT (whole 2x2 blocks)"))
         return images
 
     def _shuffle_groups(self, n_patches: int) -> torch.Tensor:

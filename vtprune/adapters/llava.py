@@ -13,14 +13,12 @@ from what the model does to the features.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any
 
 import torch
 
-from ..kernels import gather_tokens
-from ..probes import cls_logits, cls_row, flow_stats, global_importance
-from .base import Adapter, ImageTokens
+from ..probes import cls_logits, cls_row, global_importance
+from .base import Adapter, ImageTokens, flowcut_in_tower
 
 _NO_CLS_TOWERS = ("siglip_vision_model", "siglip2_vision_model")
 
@@ -123,9 +121,6 @@ class LlavaAdapter(Adapter):
         Each image runs through the tower on its own: FlowCut's per-step amount depends on the image's attention
         entropy, and one common amount per batch (the reference) would make a batch differ from its samples.
         """
-        from ..selectors.base import topk_sorted
-        from ..selectors.flowcut import cut_amount, flow_score
-
         args = self._feature_args(kwargs)
         layer = args["vision_feature_layer"]
         if args["vision_feature_select_strategy"] != "default" or not isinstance(layer, int):
@@ -139,48 +134,14 @@ class LlavaAdapter(Adapter):
         if read < 1 and target < n:
             raise ValueError(f"{spec.name} needs at least one ViT layer before the one feeding the projector "
                              f"(vision_feature_layer={layer}, {len(layers)} layers)")
-        decay = float(stage.options.get("decay", 0.5))
         side = int(round(n ** 0.5))
         images = []
         for pv in kwargs["pixel_values"].split(1):
-            flow: dict[str, Any] = {"cum": None, "idx": torch.arange(n, device=pv.device)[None]}
-            caps = [self.capture(layers[i].self_attn, flow_stats) for i in range(read)]
-
-            def before(i: int, module: torch.nn.Module, hook_args: tuple, hook_kwargs: dict[str, Any],
-                       flow=flow, caps=caps):
-                hidden = hook_args[0] if hook_args else hook_kwargs["hidden_states"]
-                n_cur = hidden.shape[1] - 1
-                if n_cur <= target:
-                    return None
-                stats = self.captured(caps[i - 1])[-1][:, :, 1:]  # patches only; [CLS] stays in front
-                f = flow_score(stats)
-                flow["cum"] = f if flow["cum"] is None else decay * flow["cum"] + (1 - decay) * f
-                rho = (read - 1) - (i - 1)  # pruning layers left
-                if rho % 2:
-                    return None
-                new = max(n_cur - cut_amount(stats[:, 0], target, rho), target) if rho > 0 else target
-                if new >= n_cur:
-                    return None
-                keep = topk_sorted(flow["cum"], new)
-                flow["cum"], flow["idx"] = flow["cum"].gather(1, keep), flow["idx"].gather(1, keep)
-                hidden = gather_tokens(hidden, torch.cat([torch.zeros_like(keep[:, :1]), keep + 1], 1))
-                if hook_args:
-                    return (hidden, *hook_args[1:]), hook_kwargs
-                return hook_args, {**hook_kwargs, "hidden_states": hidden}
-
-            handles = []
-            try:
-                with contextlib.ExitStack() as stack:
-                    for c in caps:
-                        stack.enter_context(c)
-                    for i in range(1, read + 1):
-                        handles.append(layers[i].register_forward_pre_hook(functools.partial(before, i),
-                                                                           with_kwargs=True))
-                    out = self.base.get_image_features(pixel_values=pv, **args, return_dict=True)
-            finally:
-                for h in handles:
-                    h.remove()
-            f, idx = out.pooler_output[0], flow["idx"][0]
+            groups = torch.arange(n, device=pv.device)[:, None]  # every patch is one LLM token
+            out, idx = flowcut_in_tower(
+                self, layers, lambda i: layers[i].self_attn, read, target, float(stage.options.get("decay", 0.5)),
+                lambda pv=pv: self.base.get_image_features(pixel_values=pv, **args, return_dict=True), groups)
+            f = out.pooler_output[0]
             full = f.new_zeros(n, f.shape[-1]).index_copy(0, idx, f)  # only the kept rows are ever gathered
             images.append(ImageTokens(features=full, grid=(side, side), kept=idx,
                                       signal_source="FlowCut information flow, inside the ViT"))

@@ -7,15 +7,16 @@ v̄: the patch's value averaged over heads), accumulated as ``c ← 0.5·c + 0.5
 pruning layers ρ_i is even, the encoder drops ``round((N_i − T)/√ρ_i · (1 − (E/E_max)²))`` patches (E: entropy of
 the renormalised [CLS] attention; the batch uses the largest amount), and at ρ_i = 0 it cuts to exactly T. [CLS]
 stays in front; kept patches stay in ascending order. Later layers therefore run on fewer tokens, and exactly
-``keep`` patches reach the projector. The encoder-side loop lives with the adapters (they know the tower); this
-file holds the arithmetic, so it is testable alone.
+``keep`` patches reach the projector. The encoder-side loop lives with the adapters (``adapters.base.
+flowcut_in_tower``; InternVL drops whole 2×2 pixel-shuffle blocks); this file holds the arithmetic, so it is
+testable alone.
 
 LLM-stage variant (§6.5, FlowCut-Qwen / FlowCut-NeXT second stage): at ``llm:K`` the same score is computed from
 the last prompt token's query and value in decoder layer K−1 (``softmax(q·Kᵀ/√d)``, ``softmax(v·Vᵀ/√d)``, ‖v̄‖₁)
 and the top-``keep`` visual tokens survive with their own positions (preserve; 3-D M-RoPE columns on Qwen). Families
-whose vision tower vtprune cannot prune inside (no [CLS]: Qwen2-VL; AnyRes packing: LLaVA-NeXT; pixel shuffle:
-InternVL) get this variant at its default layer 2 (after decoder layer 1, as in the reference) when ``prune(...,
-method="flowcut")`` names no layer; the report's ``stage`` says ``llm:2``.
+whose vision tower vtprune cannot prune inside (no [CLS]: Qwen2-VL; AnyRes packing: LLaVA-NeXT) get this variant
+at its default layer 2 (after decoder layer 1, as in the reference) when ``prune(..., method="flowcut")`` names no
+layer; the report's ``stage`` says ``llm:2``.
 
 ``select_tokens("flowcut", ...)`` runs one step of the score on given statistics (``flow_stats[B, 3, N]``), which is
 what a single-layer FlowCut would keep; the real method needs the encoder (``vtprune.prune(model, method=
