@@ -1,27 +1,31 @@
 """Train the shipped demo models from scratch on the synthetic visual-QA task (``vtprune/synth.py``).
 
-    python evals/train_tiny.py --family llava --seed 0 --out vtprune/assets/llava --steps 2400 --no-bf16 \
-        --max-minutes 59 --eval-every 400
-    python evals/train_tiny.py --family qwen2_vl --seed 0 --out vtprune/assets/qwen2_vl --steps 1250 --pool 4000 \
-        --no-bf16 --max-minutes 59 --eval-every 250
+    python evals/train_tiny.py --family llava --seed 0 --out vtprune/assets/llava --steps 2700 --pool 10000 --no-bf16 \
+        --max-minutes 57 --eval-every 600 --attn-sup-until 0.9,1.0 --attn-sup-heads 0,1
+    python evals/train_tiny.py --family qwen2_vl --seed 0 --out vtprune/assets/qwen2_vl --steps 1650 --pool 5000 \
+        --no-bf16 --max-minutes 57 --eval-every 400 --attn-sup-until 0.9,1.0 --attn-sup-heads 0,1
 
-are the commands of the shipped models (2-core CPU, one thread each, both at once). ``--max-minutes`` is a wall-clock
-stop: the shipped LLaVA model stopped at step 2173 of 2400, so a faster machine runs more steps than it did; the
-step count that ran is in ``training.json``. Use ``--no-bf16`` on CPUs without native bf16 (no AVX512-BF16/AMX):
-bf16 autocast is emulated there and about 10x slower.
+are the commands of the shipped models (2-core CPU, one thread each, both at once; 57 min each, all planned steps
+ran). ``--max-minutes`` is a wall-clock stop: a slower machine runs fewer of the planned steps; the step count that
+ran is in ``training.json``. Use ``--no-bf16`` on CPUs without native bf16 (no AVX512-BF16/AMX): bf16 autocast is
+emulated there and about 10x slower.
 
 Real transformers classes, random init from a config (``vtprune.testing`` builders): ``LlavaForConditionalGeneration``
 (CLIP-style ViT with [CLS], 224 px / patch 14 -> 256 visual tokens, MLP projector, Llama) and
 ``Qwen2VLForConditionalGeneration`` (Qwen2-VL ViT, 448 px / patch 14 / 2x2 merge -> 256 visual tokens, M-RoPE).
 
 Recipe: a pool of training scenes is rendered once and kept as uint8 tensors; each training sequence is one image
-followed by one question of every type in random order as a multi-turn chat (questions re-drawn on every visit),
-so the first turn is exactly the one-question prompt used at test time; the loss covers only the answer tokens
-(and their end-of-sequence token). AdamW, linear warm-up then cosine decay. Pixels are normalised / patchified
-in torch exactly as the processor does (checked at start-up against the processor), and the prompt token ids are
-checked against the processor's. At the end the held-out accuracy per question type is measured with the real
-processor and ``generate`` (``vtprune.demo_models.answer``), and the model, its processor and ``training.json``
-(device, time, steps, seed, versions, accuracy) are written to ``--out``. Progress goes to stdout.
+followed by one question of every type in random order as a multi-turn chat (questions re-drawn on every visit), so
+the first turn is exactly the one-question prompt used at test time; the loss covers only the answer tokens (and
+their end-of-sequence token). Three training-only aids, discarded after training, give the from-scratch model dense
+signals: linear heads on the visual tokens entering the LM (object class / colour / quadrant per token), attention
+supervision of two LM heads toward what each question is about, and a turn probe (the colour an existence question
+asks about, the named shape's colour or "absent", and its quadrant, read at each turn's last prompt token; without
+it existence stayed at chance). AdamW, linear warm-up then cosine decay. Pixels are normalised / patchified in torch
+exactly as the processor does (checked at start-up against the processor), and the prompt token ids are checked
+against the processor's. At the end the held-out accuracy per question type is measured with the real processor and
+``generate`` (``vtprune.demo_models.answer``), and the model, its processor and ``training.json`` (device, time,
+steps, seed, versions, accuracy) are written to ``--out``. Progress goes to stdout.
 """
 
 from __future__ import annotations
@@ -373,13 +377,13 @@ def main(argv: list[str] | None = None) -> None:
                         "(default per family: qwen2_vl quadrant, so its LM learns where a token is from M-RoPE; "
                         "llava none); same weight as --aux-weight")
     p.add_argument("--attn-sup", type=float, default=1.0,
-                   help="weight of the attention-supervision warm-up (0: off): heads --attn-sup-heads of LM layer "
+                   help="weight of the attention supervision (0: off): heads --attn-sup-heads of LM layer "
                         "--attn-sup-layer are pushed to attend from each turn's last prompt token to the visual "
                         "tokens of what the question is about; full weight until --attn-sup-until[0], then linearly "
                         "to 0 at --attn-sup-until[1] (fractions of the steps)")
     p.add_argument("--attn-sup-layer", type=int, default=1)
-    p.add_argument("--attn-sup-heads", default="0")
-    p.add_argument("--attn-sup-until", default="0.4,0.6")
+    p.add_argument("--attn-sup-heads", default="0,1")
+    p.add_argument("--attn-sup-until", default="0.9,1.0")
     p.add_argument("--probe-weight", type=float, default=0.5,
                    help="weight of the training-only turn probe (asked colour, named shape's colour / absent and "
                         "quadrant read from LM layer --probe-layer's output at each turn's last prompt token; 0: off)")
@@ -400,8 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes.update({k: getattr(a, k) for k in ("vision_hidden", "vision_layers", "text_hidden", "text_layers",
                                              "lm_heads", "lm_kv_heads")
                   if getattr(a, k) is not None and (k in sizes or k.startswith("lm_"))})
-    steps = a.steps or {"llava": 2400, "qwen2_vl": 1200}[family]
-    pool_n = a.pool or {"llava": 12000, "qwen2_vl": 5000}[family]
+    steps = a.steps or {"llava": 2700, "qwen2_vl": 1650}[family]
+    pool_n = a.pool or {"llava": 10000, "qwen2_vl": 5000}[family]
     t_start = time.time()
 
     model, processor = build(family, sizes, a.seed)
@@ -531,9 +535,9 @@ def main(argv: list[str] | None = None) -> None:
         "train_pool_scenes": pool_n,
         "attention_supervision": {"weight": a.attn_sup, "layer": a.attn_sup_layer, "heads": sup_heads,
                                   "full_until": sup_start, "zero_from": sup_end,
-                                  "what": "warm-up only: -log of the attention mass that each turn's last prompt "
-                                          "token puts on the visual tokens of the named shape / all shapes / the "
-                                          "dot; off (weight 0) for the rest of training"},
+                                  "what": "-log of the attention mass that each turn's last prompt token puts on "
+                                          "the visual tokens of the named shape / all shapes / the dot; full weight "
+                                          "until full_until, linearly to 0 at zero_from (fractions of the steps)"},
         "aux_loss": {"weight": a.aux_weight, "targets": aux_targets, "lm_layer0_targets": lm_targets,
                      "what": "training-only linear heads on the visual tokens entering the LM predict each token's "
                              "object class / colour / quadrant from the scene geometry (lm_layer0_targets: the "
