@@ -101,7 +101,7 @@ def test_flowcut_generate_cache_parity_and_batch_equals_single():
 
 
 def _internvl():
-    model, proc = tiny_internvl(vision_layers=5, image_size=112)  # 8x8 patches -> 16 tokens per tile
+    model, proc = tiny_internvl(vision_layers=5, image_size=112, text_layers=3)  # 8x8 patches -> 16 tokens a tile
     for layer in model.model.vision_tower.encoder.layer:  # init layer scale 0.1 hides what attention mixes in
         layer.lambda_1.data.fill_(1.0)
         layer.lambda_2.data.fill_(1.0)
@@ -218,6 +218,13 @@ def test_internvl_flowcut_refuses_other_feature_layers():
     vtprune.prune(model, method="flowcut", keep=5)
     with torch.no_grad(), pytest.raises(ValueError, match="vision_feature_layer=-1"):
         model(**inputs, vision_feature_layer=-2)
+    # a checkpoint whose projector reads another layer gets the LLM-stage variant, and the report says so
+    vtprune.unprune(model)
+    model.config.vision_feature_layer = -2
+    vtprune.prune(model, method="flowcut", keep=5)
+    with torch.no_grad():
+        model(**inputs)
+    assert [(im.stage, im.n_after) for im in vtprune.last_report(model).images] == [("llm:2", 5)]
 
 
 def test_cut_amount_schedule():

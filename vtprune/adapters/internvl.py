@@ -28,7 +28,14 @@ from .base import Adapter, ImageTokens, flowcut_in_tower
 class InternVLAdapter(Adapter):
     provides = ("cls_attention", "vflow_importance", "flow_stats", "grid", "crop_ids")
     encoder_keys = ("pixel_values",)
-    vision_stage = True
+
+    @property
+    def vision_stage(self) -> bool:  # type: ignore[override]
+        """In-encoder FlowCut needs the last layer's features with [CLS] first (the defaults); a checkpoint configured
+        otherwise gets FlowCut's LLM-stage variant instead, and the report's stage says so."""
+        cfg = self.model.config
+        return cfg.vision_feature_select_strategy == "default" and \
+            cfg.vision_feature_layer in (-1, len(self.base.vision_tower.encoder.layer))
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
