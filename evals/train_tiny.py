@@ -141,7 +141,7 @@ class Batcher:
 
         With ``kinds`` (the per-token object classes [B, 256] of :func:`cell_labels`) it also returns
         ``"attn_targets"``: (sample, position of the last prompt token of a turn, BoolTensor[256] of the visual
-        tokens showing what the question is about) for the attention-supervision warm-up. It always returns
+        tokens showing what the question is about) for the attention supervision. It always returns
         ``"turns"``: (sample, position of the last prompt token, QA) of every turn, for :class:`TurnProbe`.
         """
         seqs, labs, targets, turns = [], [], [], []
@@ -178,6 +178,12 @@ class Batcher:
         return out
 
 
+def named_shape(qa: S.QA) -> str | None:
+    """The shape kind a question names ("what colour is the circle?" -> "circle"), or None."""
+    words = qa.question.rstrip("?").split()
+    return next((k for k in S.SHAPES if k in words), None)
+
+
 def referent_tokens(qa: S.QA, kinds: torch.Tensor) -> torch.Tensor | None:
     """Visual tokens showing what ``qa`` is about (named shape / all shapes / the dot), or None (absent shape)."""
     if qa.qtype == "counting":
@@ -185,8 +191,7 @@ def referent_tokens(qa: S.QA, kinds: torch.Tensor) -> torch.Tensor | None:
     elif qa.qtype == "detail":
         mask = kinds == len(S.SHAPES) + 1
     else:
-        named = [k for k in S.SHAPES if f" {k}" in qa.question]
-        mask = kinds == S.SHAPES.index(named[0]) + 1
+        mask = kinds == S.SHAPES.index(named_shape(qa)) + 1
     return mask if bool(mask.any()) else None
 
 
@@ -278,12 +283,11 @@ class TurnProbe(torch.nn.Module):
         names = list(S.COLOURS)
         rows = []
         for b, pos, qa in turns:
-            words = qa.question.rstrip("?").split()
-            named = [k for k in S.SHAPES if k in words]
-            if qa.qtype not in ("attribute", "existence", "location") or not named:
+            kind = named_shape(qa)
+            if qa.qtype not in ("attribute", "existence", "location") or kind is None:
                 continue
-            shape = next((s for s in scenes[b].shapes if s.kind == named[0]), None)
-            asked = names.index(words[-2]) if qa.qtype == "existence" else -100
+            shape = next((s for s in scenes[b].shapes if s.kind == kind), None)
+            asked = names.index(qa.question.split()[-2]) if qa.qtype == "existence" else -100
             actual = names.index(shape.colour) if shape is not None else len(names)
             quad = -100 if shape is None else (shape.cy >= 0.5) * 2 + (shape.cx >= 0.5)
             rows.append([b, pos, asked, actual, quad])

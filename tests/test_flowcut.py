@@ -82,22 +82,28 @@ def test_flowcut_equals_a_test_side_encoder_loop_and_keeps_exactly_keep():
             assert not torch.allclose(full[idx], feats[0], atol=1e-4)
 
 
-def test_flowcut_generate_cache_parity_and_batch_equals_single():
-    model, proc = _model()
-    imgs = [tiny_image(60, 60, seed=s) for s in (3, 4)]
-    texts = ["USER: <image>\nwhat colour? ASSISTANT:", "USER: <image>\nhow many shapes are there? ASSISTANT:"]
-    vtprune.prune(model, method="flowcut", keep=4)
+def _generate_parity(model, proc, imgs, texts, keep):
+    """Pruned generate: cached = uncached logits, the batch = each sample alone, ``keep`` tokens per image."""
+    vtprune.prune(model, method="flowcut", keep=keep)
     kw = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
-              suppress_tokens=[model.config.image_token_id, 2])
+              suppress_tokens=[model.config.image_token_id, model.generation_config.eos_token_id or 2])
     with torch.no_grad():
         both = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
         a = model.generate(**both, **kw)
+        assert [im.n_after for im in vtprune.last_report(model).images] == [keep] * len(imgs)
         b = model.generate(**both, use_cache=False, **kw)
         torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=0, atol=1e-5)
-        for s in range(2):
+        for s in range(len(imgs)):
             one = model.generate(**proc(images=imgs[s:s + 1], text=texts[s:s + 1], return_tensors="pt"), **kw)
             torch.testing.assert_close(torch.stack(a.logits)[:, s], torch.stack(one.logits)[:, 0], rtol=0,
                                        atol=1e-5)
+
+
+def test_flowcut_generate_cache_parity_and_batch_equals_single():
+    model, proc = _model()
+    _generate_parity(model, proc, [tiny_image(60, 60, seed=s) for s in (3, 4)],
+                     ["USER: <image>\nwhat colour? ASSISTANT:", "USER: <image>\nhow many shapes are there? ASSISTANT:"],
+                     keep=4)
 
 
 def _internvl():
@@ -195,21 +201,8 @@ def test_internvl_flowcut_prunes_whole_blocks_inside_internvit():
 
 def test_internvl_flowcut_generate_cache_parity_and_batch_equals_single():
     model, proc = _internvl()
-    imgs = [tiny_image(200, 100, seed=3), tiny_image(112, 112, seed=4)]
-    texts = [INTERNVL_PROMPT, "user: <IMG_CONTEXT>\nhow many shapes are there? assistant:"]
-    vtprune.prune(model, method="flowcut", keep=5)
-    kw = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
-              suppress_tokens=[model.config.image_token_id, model.generation_config.eos_token_id or 2])
-    with torch.no_grad():
-        both = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
-        a = model.generate(**both, **kw)
-        assert [im.n_after for im in vtprune.last_report(model).images] == [5, 5]
-        b = model.generate(**both, use_cache=False, **kw)
-        torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=0, atol=1e-5)
-        for s in range(2):
-            one = model.generate(**proc(images=imgs[s:s + 1], text=texts[s:s + 1], return_tensors="pt"), **kw)
-            torch.testing.assert_close(torch.stack(a.logits)[:, s], torch.stack(one.logits)[:, 0], rtol=0,
-                                       atol=1e-5)
+    _generate_parity(model, proc, [tiny_image(200, 100, seed=3), tiny_image(112, 112, seed=4)],
+                     [INTERNVL_PROMPT, "user: <IMG_CONTEXT>\nhow many shapes are there? assistant:"], keep=5)
 
 
 def test_internvl_flowcut_refuses_other_feature_layers():

@@ -33,9 +33,28 @@ class InternVLAdapter(Adapter):
     def vision_stage(self) -> bool:  # type: ignore[override]
         """In-encoder FlowCut needs the last layer's features with [CLS] first (the defaults); a checkpoint configured
         otherwise gets FlowCut's LLM-stage variant instead, and the report's stage says so."""
+        return self._reads_last_layer(self._feature_args({}))
+
+    def _feature_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's vision_feature_layer / vision_feature_select_strategy, else the config's."""
         cfg = self.model.config
-        return cfg.vision_feature_select_strategy == "default" and \
-            cfg.vision_feature_layer in (-1, len(self.base.vision_tower.encoder.layer))
+        layer = kwargs.get("vision_feature_layer")
+        return {"vision_feature_layer": cfg.vision_feature_layer if layer is None else layer,
+                "vision_feature_select_strategy": kwargs.get("vision_feature_select_strategy")
+                or cfg.vision_feature_select_strategy}
+
+    def _reads_last_layer(self, args: dict[str, Any]) -> bool:
+        return args["vision_feature_select_strategy"] == "default" and \
+            args["vision_feature_layer"] in (-1, len(self.base.vision_tower.encoder.layer))
+
+    def _tiles(self, kwargs: dict[str, Any], per_tile: int) -> list[int]:
+        """Tiles per image, checked against the tiles in pixel_values."""
+        tiles = self._tiles_per_image(kwargs["input_ids"], per_tile)
+        if sum(tiles) != kwargs["pixel_values"].shape[0]:
+            raise ValueError(f"the prompts' placeholder runs hold {sum(tiles)} tiles but pixel_values has "
+                             f"{kwargs['pixel_values'].shape[0]}; each image needs its own placeholder run from the "
+                             "processor")
+        return tiles
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -69,11 +88,8 @@ class InternVLAdapter(Adapter):
         return tiles
 
     def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
-        cfg = self.model.config
-        layer = kwargs.get("vision_feature_layer")
-        layer = cfg.vision_feature_layer if layer is None else layer
-        strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
-        args = {"vision_feature_layer": layer, "vision_feature_select_strategy": strategy}
+        args = self._feature_args(kwargs)
+        layer, strategy = args["vision_feature_layer"], args["vision_feature_select_strategy"]
         pv = kwargs["pixel_values"]
         reducers = {name: fn for name, fn in (("cls_attention", cls_row), ("vflow_importance", global_importance))
                     if name in needs}
@@ -87,10 +103,7 @@ class InternVLAdapter(Adapter):
         per_patch = {name: torch.cat(self.captured(cap))[:, 1:] for name, cap in caps.items()}  # [CLS] dropped
         feats = out.pooler_output  # [tiles, tokens per tile, D]
         per_tile = feats.shape[1]
-        tiles = self._tiles_per_image(kwargs["input_ids"], per_tile)
-        if sum(tiles) != feats.shape[0]:
-            raise ValueError(f"the prompts' placeholder runs hold {sum(tiles)} tiles but pixel_values has "
-                             f"{feats.shape[0]}; each image needs its own placeholder run from the processor")
+        tiles = self._tiles(kwargs, per_tile)
         side = int(round(per_tile ** 0.5))
         scores = {}
         for name, rows in per_patch.items():  # [tiles, patches] -> [tiles, tokens per tile]: a token sums its block
@@ -114,29 +127,22 @@ class InternVLAdapter(Adapter):
         entropy; one amount per batch would make a batch differ from its samples). An image's budget is split
         evenly over its tiles (the first tiles take the remainder), so exactly ``keep`` tokens per image leave the
         encoder."""
-        cfg = self.model.config
-        layer = kwargs.get("vision_feature_layer")
-        layer = cfg.vision_feature_layer if layer is None else layer
-        strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
-        layers = self.base.vision_tower.encoder.layer
-        if strategy != "default" or layer not in (-1, len(layers)):
+        args = self._feature_args(kwargs)
+        if not self._reads_last_layer(args):
             raise ValueError(f"{spec.name} inside InternViT needs vision_feature_select_strategy='default' and "
-                             f"vision_feature_layer=-1 (the defaults), got {strategy!r} / {layer!r}; give "
-                             f"layer=K for its LLM-stage variant")
+                             f"vision_feature_layer=-1 (the defaults), got {args['vision_feature_select_strategy']!r} "
+                             f"/ {args['vision_feature_layer']!r}; give layer=K for its LLM-stage variant")
+        layers = self.base.vision_tower.encoder.layer
         read = len(layers) - 1
-        vc = cfg.vision_config
+        vc = self.model.config.vision_config
         side_p = vc.image_size[0] // vc.patch_size[0] if isinstance(vc.image_size, (list, tuple)) \
             else vc.image_size // vc.patch_size
         pv = kwargs["pixel_values"]
         groups = self._shuffle_groups(side_p * side_p).to(pv.device)  # [tokens per tile, 4] source patches
         per_tile = groups.shape[0]
-        tiles = self._tiles_per_image(kwargs["input_ids"], per_tile)
-        if sum(tiles) != pv.shape[0]:
-            raise ValueError(f"the prompts' placeholder runs hold {sum(tiles)} tiles but pixel_values has "
-                             f"{pv.shape[0]}; each image needs its own placeholder run from the processor")
+        tiles = self._tiles(kwargs, per_tile)
         if read < 1 and stage.budget(per_tile) < per_tile:
             raise ValueError(f"{spec.name} needs at least one InternViT layer before the last ({len(layers)} layers)")
-        args = {"vision_feature_layer": layer, "vision_feature_select_strategy": strategy}
         side = int(round(per_tile ** 0.5))
         images, start = [], 0
         for n in tiles:

@@ -136,8 +136,8 @@ class LlavaAdapter(Adapter):
                              f"(vision_feature_layer={layer}, {len(layers)} layers)")
         side = int(round(n ** 0.5))
         images = []
+        groups = torch.arange(n, device=kwargs["pixel_values"].device)[:, None]  # every patch is one LLM token
         for pv in kwargs["pixel_values"].split(1):
-            groups = torch.arange(n, device=pv.device)[:, None]  # every patch is one LLM token
             out, idx = flowcut_in_tower(
                 self, layers, lambda i: layers[i].self_attn, read, target, float(stage.options.get("decay", 0.5)),
                 lambda pv=pv: self.base.get_image_features(pixel_values=pv, **args, return_dict=True), groups)
