@@ -17,9 +17,10 @@ only preserve positions (vtprune refuses ``compact`` there). A configuration a f
     python evals/bench_accuracy.py --quick --out /tmp/acc.json   # tiny subset: harness check
 
 Writes a list of records ``{"model", "method", "stage", "positions", "keep_ratio", "question_type", "accuracy",
-"n", "visual_tokens"}`` (``question_type`` "all" = overall; ``method`` "none" with ``keep_ratio`` 1.0 = the
-unpruned model). Records of models not run this time are kept from an existing output file, so the models can be
-run one at a time. Device and versions are printed and written into the plot's title.
+"n", "visual_tokens"}`` (``visual_tokens``: kept per image, the mean over the images; ``question_type`` "all" =
+overall; ``method`` "none" with ``keep_ratio`` 1.0 = the unpruned model). Records of models not run this time are
+kept from an existing output file, so the models can be run one at a time. Device and versions are printed and
+written into the plot's title.
 """
 
 from __future__ import annotations
@@ -91,10 +92,11 @@ class Harness:
         self.not_applicable: dict[str, str] = {}
 
     @torch.no_grad()
-    def predict(self) -> tuple[list[str], int]:
-        """Answers to every item with the model as it is now (pruned or not); visual tokens kept per image."""
+    def predict(self) -> tuple[list[str], float]:
+        """Answers to every item with the model as it is now (pruned or not) and the visual tokens kept per image,
+        averaged over the images (``atp`` keeps a different number for each)."""
         tok = self.processor.tokenizer
-        preds, kept = [], self.n_visual
+        preds, kept = [], []
         self.stage = "none"
         for inputs in self.inputs:
             ids = self.model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
@@ -103,8 +105,9 @@ class Harness:
                                                                 skip_special_tokens=True)]
             if vtprune.is_pruned(self.model) and vtprune.last_report(self.model) is not None:
                 rep = vtprune.last_report(self.model)
-                kept, self.stage = rep.images[-1].n_after, rep.stage
-        return preds, kept
+                kept += [im.n_after for im in rep.images]
+                self.stage = rep.stage
+        return preds, round(sum(kept) / len(kept), 1) if kept else float(self.n_visual)
 
     def records(self, method: str, positions: str, ratio: float) -> list[dict[str, Any]]:
         """Accuracy records (per question type and "all") of one configuration; [] if not applicable."""
@@ -136,7 +139,7 @@ class Harness:
                             "keep_ratio": ratio, "question_type": t, "accuracy": round(sum(hits) / len(hits), 4),
                             "n": len(hits), "visual_tokens": kept})
         acc = {r["question_type"]: r["accuracy"] for r in out}
-        print(f"{self.name:>8} {method:>9} {stage:>7} {positions:>8} {ratio:>5} {kept:>4} tok | "
+        print(f"{self.name:>8} {method:>9} {stage:>7} {positions:>8} {ratio:>5} {kept:>6.1f} tok | "
               + " ".join(f"{t} {a:.3f}" for t, a in acc.items()) + f" | {time.time() - t0:.1f} s", flush=True)
         return out
 

@@ -2,13 +2,16 @@
 
     python evals/train_tiny.py --family llava --seed 0 --out vtprune/assets/llava --steps 2700 --pool 10000 --no-bf16 \
         --max-minutes 57 --eval-every 600 --attn-sup-until 0.9,1.0 --attn-sup-heads 0,1
-    python evals/train_tiny.py --family qwen2_vl --seed 0 --out vtprune/assets/qwen2_vl --steps 1650 --pool 5000 \
-        --no-bf16 --max-minutes 57 --eval-every 400 --attn-sup-until 0.9,1.0 --attn-sup-heads 0,1
+    python evals/train_tiny.py --family qwen2_vl --seed 0 --out vtprune/assets/qwen2_vl --steps 3000 --pool 8000 \
+        --no-bf16 --max-minutes 57 --eval-every 500 --attn-sup-until 0.9,1.0 --attn-sup-heads 0,1 --threads 2
 
-are the commands of the shipped models (2-core CPU, one thread each, both at once; 57 min each, all planned steps
-ran). ``--max-minutes`` is a wall-clock stop: a slower machine runs fewer of the planned steps; the step count that
-ran is in ``training.json``. Use ``--no-bf16`` on CPUs without native bf16 (no AVX512-BF16/AMX): bf16 autocast is
-emulated there and about 10x slower.
+are the commands of the shipped models, both on the same 2-core CPU, 57 min each: the LLaVA model with one thread
+while the first Qwen2-VL model trained beside it (all 2700 planned steps ran); the Qwen2-VL model alone with both
+cores, where the wall clock stopped it at step 2402 of its 3000-step schedule. ``--max-minutes`` is that wall-clock
+stop, so a slower machine runs fewer of the planned steps; the step count that ran is in ``training.json``, and
+``--stop-after 2402`` replays the shipped Qwen2-VL run on any machine without the clock (same schedule, same data;
+float results vary slightly with the thread count). Use ``--no-bf16`` on CPUs without native bf16 (no
+AVX512-BF16/AMX): bf16 autocast is emulated there and about 10x slower.
 
 Real transformers classes, random init from a config (``vtprune.testing`` builders): ``LlavaForConditionalGeneration``
 (CLIP-style ViT with [CLS], 224 px / patch 14 -> 256 visual tokens, MLP projector, Llama) and
@@ -371,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-n", type=int, default=500, help="held-out items for the final accuracy")
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--max-minutes", type=float, default=60.0, help="stop early (and say so) after this long")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps of the --steps schedule (replays a run that --max-minutes stopped)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2-core machine is shared)")
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the dense visual-token loss (0: off)")
@@ -408,8 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes.update({k: getattr(a, k) for k in ("vision_hidden", "vision_layers", "text_hidden", "text_layers",
                                              "lm_heads", "lm_kv_heads")
                   if getattr(a, k) is not None and (k in sizes or k.startswith("lm_"))})
-    steps = a.steps or {"llava": 2700, "qwen2_vl": 1650}[family]
-    pool_n = a.pool or {"llava": 10000, "qwen2_vl": 5000}[family]
+    steps = a.steps or {"llava": 2700, "qwen2_vl": 3000}[family]
+    pool_n = a.pool or {"llava": 10000, "qwen2_vl": 8000}[family]
     t_start = time.time()
 
     model, processor = build(family, sizes, a.seed)
@@ -503,6 +508,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  held-out (first {len(quick)}): {fmt(res)}", flush=True)
         if (time.time() - t_start) / 60 > a.max_minutes:
             print(f"stopping early at step {done}: --max-minutes {a.max_minutes} reached", flush=True)
+            break
+        if a.stop_after is not None and done >= a.stop_after:
+            print(f"stopping at step {done} of the {steps}-step schedule: --stop-after", flush=True)
             break
     train_s = time.time() - t_train
     if sup_on:
