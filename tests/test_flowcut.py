@@ -3,7 +3,10 @@ test-side encoder loop that computes the same statistics by hand and drops the s
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +231,18 @@ def test_cut_amount_schedule():
     assert cut_amount(peaked, 10, 4) <= round(90 / 2)
     assert cut_amount(peaked, 10, 4) > 0
     assert cut_amount(uniform, 10, 0) == 90  # last pruning layer: straight to the target
+
+
+def test_encoder_benchmark_harness(tmp_path):
+    """evals/bench_flowcut_encoder.py on its tiny shapes: FlowCut ran inside both towers, kept exactly the budget,
+    and the tower processed fewer tokens than unpruned; the results file is written."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evals"))
+    import bench_flowcut_encoder as bench
+
+    res = bench.main(["--repeats", "1", "--shapes", "tiny-llava,tiny-internvl", "--out", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == res["rows"]
+    assert [(r["shape"], r["tiles"], r["visual_tokens"], r["keep"], r["flowcut_stage"]) for r in res["rows"]] == [
+        ("tiny-llava", 1, 64, 16, "vision"), ("tiny-internvl", 3, 48, 12, "vision")]
+    assert all(0 < r["flowcut_tower_tokens"] < 1 and r["unpruned_ms"] > 0 for r in res["rows"])
+    with pytest.raises(SystemExit, match="valid: demo-llava"):
+        bench.main(["--shapes", "nope"])

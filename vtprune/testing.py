@@ -201,13 +201,16 @@ def _internvl_processor_class():
 
 
 def tiny_internvl(text_hidden: int = 128, text_layers: int = 2, seed: int = 0, image_size: int = 56,
-                  attn_implementation: str = "sdpa", vision_layers: int = 2) -> tuple[torch.nn.Module, object]:
-    """(model, processor): InternViT with [CLS], 56-px tiles (16 patches -> 4 tokens after pixel shuffle)."""
+                  attn_implementation: str = "sdpa", vision_layers: int = 2, vision_hidden: int = 64,
+                  max_patches: int = 4) -> tuple[torch.nn.Module, object]:
+    """(model, processor): InternViT with [CLS], 56-px tiles (16 patches -> 4 tokens after pixel shuffle); an image
+    is cut into up to ``max_patches`` tiles plus a thumbnail."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     tok = tiny_tokenizer("internvl")
-    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers, num_attention_heads=4,
+    vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+                  num_attention_heads=4,
                   image_size=[image_size, image_size], patch_size=[14, 14])
     text = dict(model_type="qwen2", vocab_size=512, hidden_size=text_hidden, intermediate_size=2 * text_hidden,
                 num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
@@ -217,7 +220,7 @@ def tiny_internvl(text_hidden: int = 128, text_layers: int = 2, seed: int = 0, i
                          image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
     model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
     ip = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True,
-                                  max_patches=4)
+                                  max_patches=max_patches)
     seq = (image_size // 14) ** 2 // 4
     proc = _internvl_processor_class()(image_processor=ip, tokenizer=tok, image_seq_length=seq)
     return model.eval(), proc

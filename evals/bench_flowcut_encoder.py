@@ -1,0 +1,154 @@
+"""What pruning inside the vision tower buys: FlowCut in the ViT vs the same budget selected after the full tower.
+
+For each shape, side by side in one run (timings interleaved, medians): the unpruned prefill forward
+``model(**inputs)``, ``flowcut`` at its vision stage (the tower runs on fewer tokens after each FlowCut step), and
+``random`` at ``pre_llm`` with the same budget (the full tower runs, then tokens are dropped). The LLM sees the same
+number of visual tokens in both pruned runs, so ``flowcut / random`` is the tower time FlowCut saves net of its own
+scoring, and ``unpruned / flowcut`` the whole prefill speed-up. InternVL images are cut into tiles that the tower
+runs one at a time under FlowCut (each tile's cut amount depends on its own attention) and all at once unpruned;
+the multi-tile shape shows what that costs. ``fc tower``: the tokens the tower processed under FlowCut, summed over
+layers and tiles, as a fraction of the unpruned tower's (device-independent). Random weights at reduced widths
+(speed only; 4 attention heads), plus the shipped trained LLaVA demo model. How much FlowCut cuts at each step
+depends on the entropy of the attention, which random weights make high (near uniform), so random towers cut
+late; the trained demo tower shows a real attention pattern.
+
+    python evals/bench_flowcut_encoder.py [--repeats 3] [--out evals/results/flowcut_encoder_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import vtprune  # noqa: E402
+from vtprune import synth as S  # noqa: E402
+from vtprune.cli import _time_ms as _time  # noqa: E402
+from vtprune.cli import header  # noqa: E402
+from vtprune.demo_models import build_prompt, demo_model  # noqa: E402
+from vtprune.testing import tiny_image, tiny_internvl, tiny_llava  # noqa: E402
+
+#: name: (family, tile px, vision hidden, vision layers, text hidden, text layers, image (w, h), keep ratio);
+#: "demo": the shipped, trained LLaVA demo model (its own sizes) on a held-out synthetic scene
+SHAPES = {
+    "demo-llava": ("demo", 224, 128, 4, 256, 3, (224, 224), 0.11),
+    "llava-336": ("llava", 336, 384, 12, 512, 4, (336, 336), 0.11),
+    "internvl-448x1": ("internvl", 448, 384, 12, 512, 4, (448, 448), 0.11),
+    "internvl-448x3": ("internvl", 448, 384, 12, 512, 4, (896, 448), 0.11),
+    # harness checks (tests): seconds, not minutes
+    "tiny-llava": ("llava", 112, 64, 4, 128, 2, (112, 112), 0.25),
+    "tiny-internvl": ("internvl", 112, 64, 4, 128, 2, (224, 112), 0.25),
+}
+DEFAULT = [s for s in SHAPES if not s.startswith("tiny")]
+PROMPTS = {"llava": "USER: <image>\nWhat colour is the circle? ASSISTANT:",
+           "internvl": "user: <IMG_CONTEXT>\nwhat colour is the circle? assistant:"}
+
+
+def build(family: str, px: int, vh: int, vl: int, th: int, tl: int) -> tuple[torch.nn.Module, object]:
+    if family == "demo":
+        return demo_model("llava")
+    if family == "llava":
+        return tiny_llava("llava", image_size=px, vision_hidden=vh, vision_layers=vl, text_hidden=th, text_layers=tl)
+    return tiny_internvl(image_size=px, vision_hidden=vh, vision_layers=vl, text_hidden=th, text_layers=tl,
+                         max_patches=2)
+
+
+def tower_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    n = model.config.vision_config.num_hidden_layers
+    return next(m for m in model.model.vision_tower.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
+
+
+def tower_tokens(model: torch.nn.Module, inputs: dict) -> int:
+    """Tokens summed over the tower's layers and tiles in one forward (the work the tower does, device-free)."""
+    seen: list[int] = []
+    # output hooks registered before vtprune's own: they see each layer's pruned sequence, not its refilled grid
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.append(
+        (out[0] if isinstance(out, tuple) else out).shape[:2].numel())) for m in tower_layers(model)]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(seen)
+
+
+def run(repeats: int, shapes: list[str]) -> list[dict]:
+    rows = []
+    for name in shapes:
+        family, px, vh, vl, th, tl, (w, h), ratio = SHAPES[name]
+        model, proc = build(family, px, vh, vl, th, tl)
+        if family == "demo":
+            it = S.item("heldout", 0, size=px)
+            inputs = proc(images=[it.image], text=[build_prompt("llava", it.qa.question)], return_tensors="pt")
+        else:
+            inputs = proc(images=[tiny_image(w, h)], text=[PROMPTS[family]], return_tensors="pt")
+        n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        keep = max(1, round(ratio * n_vis))
+        tiles = int(inputs["pixel_values"].shape[0])
+        times: dict[str, list[float]] = {"none": [], "flowcut": [], "random": []}
+        stages = {}
+        with torch.no_grad():
+            for _ in range(repeats):  # interleaved, so drift on a shared machine hits every variant alike
+                for method in times:
+                    if method != "none":
+                        vtprune.prune(model, method=method, keep=keep)  # random: pre_llm, its only stage
+                    try:
+                        times[method].append(_time(functools.partial(model, **inputs), 1))
+                        if method != "none":
+                            rep = vtprune.last_report(model)
+                            stages[method] = rep.stage
+                            assert rep.images[0].n_after == keep, (method, rep.images[0].n_after, keep)
+                    finally:
+                        if method != "none":
+                            vtprune.unprune(model)
+        t = {m: statistics.median(v) for m, v in times.items()}
+        full_work = tower_tokens(model, inputs)
+        vtprune.prune(model, method="flowcut", keep=keep)
+        try:
+            fc_work = tower_tokens(model, inputs) / full_work
+        finally:
+            vtprune.unprune(model)
+        row = dict(shape=name, family=family, tiles=tiles, visual_tokens=n_vis, keep=keep,
+                   vision=f"h{vh} x {vl} layers, {px} px tiles", llm=f"h{th} x {tl} layers",
+                   unpruned_ms=t["none"], flowcut_ms=t["flowcut"], random_pre_llm_ms=t["random"],
+                   flowcut_stage=stages["flowcut"], flowcut_tower_tokens=round(fc_work, 3),
+                   flowcut_vs_random=t["flowcut"] / t["random"],
+                   speedup_flowcut=t["none"] / t["flowcut"], speedup_random=t["none"] / t["random"])
+        rows.append(row)
+        print(f"{name:>15} {tiles:>5} {n_vis:>6} {keep:>5} {t['none']:>11.1f} {t['flowcut']:>11.1f} "
+              f"{t['random']:>10.1f} {row['flowcut_vs_random']:>9.2f}x {row['speedup_flowcut']:>8.2f}x "
+              f"{row['speedup_random']:>8.2f}x {fc_work:>9.2f}  ({stages['flowcut']})", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shapes", default=",".join(DEFAULT), help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--out", type=Path, default=Path("evals/results/flowcut_encoder_cpu.json"))
+    a = ap.parse_args(argv)
+    shapes = a.shapes.split(",")
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad:
+        raise SystemExit(f"unknown shape(s) {bad}; valid: {', '.join(SHAPES)}")
+    env = header() + " | batch 1, prefill forward"
+    print(env)
+    print(f"{'shape':>15} {'tiles':>5} {'visual':>6} {'keep':>5} {'unpruned ms':>11} {'flowcut ms':>11} "
+          f"{'random ms':>10} {'fc/random':>10} {'fc speedup':>9} {'rnd speedup':>9} {'fc tower':>9}")
+    res = {"env": env, "rows": run(a.repeats, shapes)}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {a.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
