@@ -415,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
                   if getattr(a, k) is not None and (k in sizes or k.startswith("lm_"))})
     steps = a.steps or {"llava": 2700, "qwen2_vl": 3000}[family]
     pool_n = a.pool or {"llava": 10000, "qwen2_vl": 8000}[family]
+    if a.stop_after is not None and not 1 <= a.stop_after <= steps:
+        p.error(f"--stop-after must be between 1 and --steps ({steps}), got {a.stop_after}")
     t_start = time.time()
 
     model, processor = build(family, sizes, a.seed)

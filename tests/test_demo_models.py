@@ -237,3 +237,6 @@ def test_train_tiny_is_reproducible_from_its_seed_and_stop_after_replays_a_cut_s
     assert any(not torch.equal(p, fresh.state_dict()[k]) for k, p in model.state_dict().items())  # it trained
     it = S.item("heldout", 0, size=IMAGE_SIZE["llava"])
     assert len(answer(model, proc, [it.image], [it.qa.question], "llava")) == 1
+    with pytest.raises(SystemExit):
+        train_tiny.main(args + ["--out", str(tmp_path / "c"), "--stop-after", "4"])  # beyond the 3-step schedule
+    assert not (tmp_path / "c").exists()
