@@ -12,7 +12,7 @@ layers and tiles, as a fraction of the unpruned tower's (device-independent). Ra
 depends on the entropy of the attention, which random weights make high (near uniform), so random towers cut
 late; the trained demo tower shows a real attention pattern.
 
-    python evals/bench_flowcut_encoder.py [--repeats 3] [--out evals/results/flowcut_encoder_cpu.json]
+    python evals/bench_flowcut_encoder.py [--repeats 15] [--out evals/results/flowcut_encoder_cpu.json]
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def run(repeats: int, shapes: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--shapes", default=",".join(DEFAULT), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--out", type=Path, default=Path("evals/results/flowcut_encoder_cpu.json"))
     a = ap.parse_args(argv)
