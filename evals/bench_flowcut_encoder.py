@@ -95,20 +95,19 @@ def run(repeats: int, shapes: list[str]) -> list[dict]:
         tiles = int(inputs["pixel_values"].shape[0])
         times: dict[str, list[float]] = {"none": [], "flowcut": [], "random": []}
         stages = {}
+        forward = functools.partial(model, **inputs)
         with torch.no_grad():
             for _ in range(repeats):  # interleaved, so drift on a shared machine hits every variant alike
-                for method in times:
-                    if method != "none":
-                        vtprune.prune(model, method=method, keep=keep)  # random: pre_llm, its only stage
+                times["none"].append(_time(forward, 1))
+                for method in ("flowcut", "random"):
+                    vtprune.prune(model, method=method, keep=keep)  # random: pre_llm, its only stage
                     try:
-                        times[method].append(_time(functools.partial(model, **inputs), 1))
-                        if method != "none":
-                            rep = vtprune.last_report(model)
-                            stages[method] = rep.stage
-                            assert rep.images[0].n_after == keep, (method, rep.images[0].n_after, keep)
+                        times[method].append(_time(forward, 1))
+                        rep = vtprune.last_report(model)
                     finally:
-                        if method != "none":
-                            vtprune.unprune(model)
+                        vtprune.unprune(model)
+                    stages[method] = rep.stage
+                    assert rep.images[0].n_after == keep, (method, rep.images[0].n_after, keep)
         t = {m: statistics.median(v) for m, v in times.items()}
         full_work = tower_tokens(model, inputs)
         vtprune.prune(model, method="flowcut", keep=keep)
@@ -116,8 +115,10 @@ def run(repeats: int, shapes: list[str]) -> list[dict]:
             fc_work = tower_tokens(model, inputs) / full_work
         finally:
             vtprune.unprune(model)
+        vc, tc = model.config.vision_config, model.config.text_config
         row = dict(shape=name, family=family, tiles=tiles, visual_tokens=n_vis, keep=keep,
-                   vision=f"h{vh} x {vl} layers, {px} px tiles", llm=f"h{th} x {tl} layers",
+                   vision=f"h{vc.hidden_size} x {vc.num_hidden_layers} layers, {px} px tiles",
+                   llm=f"h{tc.hidden_size} x {tc.num_hidden_layers} layers",
                    unpruned_ms=t["none"], flowcut_ms=t["flowcut"], random_pre_llm_ms=t["random"],
                    flowcut_stage=stages["flowcut"], flowcut_tower_tokens=round(fc_work, 3),
                    flowcut_vs_random=t["flowcut"] / t["random"],

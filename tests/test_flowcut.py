@@ -62,17 +62,24 @@ def _hand_loop(model, pixel_values, target):
     return model.model.multi_modal_projector(h[:, 1:]), idx
 
 
+def _flowcut_run(model, inputs, keep):
+    """One forward pruned by in-tower FlowCut: (the projector's outputs, one per call; the report)."""
+    seen = []
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: seen.append(o))
+    vtprune.prune(model, method="flowcut", keep=keep)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen, vtprune.last_report(model)
+
+
 def test_flowcut_equals_a_test_side_encoder_loop_and_keeps_exactly_keep():
     model, proc = _model()
     imgs = [tiny_image(60, 60, seed=s) for s in (0, 1)]
     inputs = proc(images=imgs, text=["USER: <image>\nwhat? ASSISTANT:"] * 2, return_tensors="pt", padding=True)
-    seen = []
-    handle = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: seen.append(o))
-    vtprune.prune(model, method="flowcut", keep=5)
-    with torch.no_grad():
-        model(**inputs)
-    handle.remove()
-    rep = vtprune.last_report(model)
+    seen, rep = _flowcut_run(model, inputs, 5)
     assert [im.n_after for im in rep.images] == [5, 5] and rep.stage == "vision"
     with torch.no_grad():
         for b in range(2):
@@ -178,13 +185,7 @@ def test_internvl_flowcut_prunes_whole_blocks_inside_internvit():
     model, proc = _internvl()
     imgs = [tiny_image(200, 100, seed=0), tiny_image(112, 112, seed=1)]  # 2 crops + thumbnail; one tile
     inputs = proc(images=imgs, text=[INTERNVL_PROMPT] * 2, return_tensors="pt", padding=True)
-    seen = []
-    handle = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: seen.append(o))
-    vtprune.prune(model, method="flowcut", keep=7)
-    with torch.no_grad():
-        model(**inputs)
-    handle.remove()
-    rep = vtprune.last_report(model)
+    seen, rep = _flowcut_run(model, inputs, 7)
     assert [(im.stage, im.n_before, im.n_after) for im in rep.images] == [("vision", 48, 7), ("vision", 16, 7)]
     with torch.no_grad():
         targets = [3, 2, 2, 7]  # 7 over three tiles: the first tile takes the remainder
