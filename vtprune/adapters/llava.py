@@ -89,14 +89,14 @@ class LlavaAdapter(Adapter):
             if args["vision_feature_select_strategy"] == "default":
                 row = row[:, 1:]  # align with the patch tokens the projector receives
             rows[name] = row
-        self._rows = rows
-        return out, rows.get("cls_attention"), args
+        return out, rows, args
 
     def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
         extra = {"image_sizes": kwargs["image_sizes"]} if kwargs.get("image_sizes") is not None else {}
-        out, cls, _ = self._run_tower(kwargs, needs, extra)
+        out, rows, _ = self._run_tower(kwargs, needs, extra)
         feats = list(out.pooler_output)
-        extra_rows = {k: v for k, v in self._rows.items() if k != "cls_attention"}
+        cls = rows.get("cls_attention")
+        extra_rows = {k: v for k, v in rows.items() if k != "cls_attention"}
         if cls is not None and (cls.shape[0] != len(feats) or any(f.shape[0] != cls.shape[1] for f in feats)):
             raise ValueError("fastervlm: [CLS] attention rows do not line up with the image features of this vision "
                              "tower (variable-size images?); use divprune, random or uniform")
@@ -159,7 +159,7 @@ class LlavaNextAdapter(LlavaAdapter):
         image_sizes = kwargs.get("image_sizes")
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes (from the processor) alongside pixel_values")
-        out, cls, args = self._run_tower(kwargs, needs, {"image_sizes": image_sizes})
+        out, rows_by_signal, args = self._run_tower(kwargs, needs, {"image_sizes": image_sizes})
         feats = list(out.pooler_output)
         cfg = self.model.config
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
@@ -184,7 +184,7 @@ class LlavaNextAdapter(LlavaAdapter):
             else:
                 grid = (side, side)
             im = ImageTokens(features=f, newline=newline, grid=grid)
-            for name, rows in self._rows.items():
+            for name, rows in rows_by_signal.items():
                 flat = rows[start:start + n_sub[i]].flatten()
                 im.signals[name] = torch.where(newline, 0.0, flat[src.clamp(min=0)])
                 im.signal_source = "per sub-image ViT [CLS] row, mapped through unpad"
