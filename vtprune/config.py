@@ -80,6 +80,8 @@ class StageSpec:
                 f"unknown option(s) {unknown} for method {self.method!r}; valid options: {valid}; "
                 "common arguments: keep, keep_ratio, positions, seed"
             )
+        if spec.check_options is not None:
+            spec.check_options(dict(self.options))
 
     def budget(self, n: int, of: int | None = None) -> int:
         """Tokens this stage keeps out of ``n`` present; ``keep_ratio`` applies to ``of`` (the image's tokens

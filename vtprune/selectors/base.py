@@ -11,6 +11,7 @@ those, and the options a user may pass through ``vtprune.prune(..., **options)``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,40 @@ class SelectorSpec:
     schedule: tuple[tuple[float, float], ...] = ()
     #: keeps a per-instance number of tokens (≤ keep); padded with -1 in the returned indices
     adaptive: bool = False
+    #: ``check_options(options)`` raises ValueError naming a bad option value and its valid range; called by
+    #: ``prune()`` with the options the user gave, so a bad value fails before the model is touched
+    check_options: Callable[[dict[str, Any]], None] | None = None
+
+
+def option_number(method: str, name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+                  lo_open: bool = False, hi_open: bool = False, integer: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a real number (an int if ``integer``) inside the given range.
+
+    The message names the method, the option, the bad value and the valid range, e.g.
+    ``atp: option mass must be a number in (0, 1], got -1``.
+    """
+    kind = "an int" if integer else "a number"
+    rng = ""
+    if lo is not None or hi is not None:
+        rng = (f" in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
+               f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = ok and not isinstance(value, bool)
+    if ok and not integer:
+        ok = math.isfinite(float(value))
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        raise ValueError(f"{method}: option {name} must be {kind}{rng}, got {value!r}")
+
+
+def option_choice(method: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices`` (the message lists them)."""
+    if isinstance(value, bool) or value not in choices:
+        raise ValueError(f"{method}: option {name} must be one of {', '.join(repr(c) for c in choices)}, "
+                         f"got {value!r}")
 
 
 def check_inputs(name: str, features: torch.Tensor, keep: int, valid_mask: torch.Tensor | None) -> None:
