@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .adapters.base import cached_length
+from . import call as calls
+from .call import Session, cache_of, cached_length, repeat_rows, session_of
 from .config import PruneConfig
-from .registry import get_adapter_class, get_selector
+from .registry import get_adapter_class, get_selector, run_selector
 from .report import PruneReport
 
 _STATE = "_vtprune_state"
 
+# ids of the adapters (one per pruned model) that `disabled()` switched off in the running context only
+_DISABLED: contextvars.ContextVar[frozenset] = contextvars.ContextVar("vtprune_disabled", default=frozenset())
+
 
 @dataclass
 class _State:
+    """What ``prune()`` decided for one model; nothing about any single call (that lives in ``call.Call``)."""
+
     config: PruneConfig
     adapter: Any
     pre: tuple | None = None  # (StageSpec, SelectorSpec) of the pre_llm stage
@@ -28,10 +36,16 @@ class _State:
     handles: list = field(default_factory=list)
     saved_generate: Any = None
     had_generate: bool = False
-    enabled: bool = True
-    report: PruneReport | None = None
-    decode: dict | None = None  # bookkeeping of the last pruned forward prefill, for manual decode loops
-    pending: PruneReport | None = None  # pre_llm report of a generate call, completed by its in-LLM stages
+    #: per thread: .report = the report of this thread's latest call (see last_report)
+    local: threading.local = field(default_factory=threading.local)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy or pickle of a pruned model starts without reports (thread-locals are neither copyable nor shared)
+        return {k: v for k, v in self.__dict__.items() if k != "local"}
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+        self.local = threading.local()
 
 
 def _model_type(model: Any) -> str:
@@ -67,6 +81,9 @@ def prune(model: torch.nn.Module, config: PruneConfig | dict | None = None, *, m
     elif not isinstance(config, PruneConfig):
         raise ValueError(f"config must be a PruneConfig or a dict, got {type(config).__name__}")
     config.validate()
+    if hasattr(model, "_orig_mod"):  # torch.compile's wrapper: hooks on it would never see the compiled calls
+        raise ValueError("prune() got a torch.compile()d model; prune the model first, then compile it: "
+                         "vtprune.prune(model, ...); model = torch.compile(model) (or pass model._orig_mod)")
     adapter_cls = get_adapter_class(_model_type(model))
     if is_pruned(model):
         raise ValueError("model is already pruned; call vtprune.unprune(model) first (or use vtprune.disabled(model) "
@@ -89,10 +106,14 @@ def prune(model: torch.nn.Module, config: PruneConfig | dict | None = None, *, m
             state.llm.attach()
         state.handles.append(model.register_forward_pre_hook(_forward_pre_hook, with_kwargs=True))
         state.handles.append(model.register_forward_hook(_forward_hook, always_call=True))
+        inner = adapter.inner_module()
+        if inner is not None:
+            state.handles.append(inner.register_forward_pre_hook(functools.partial(_inner_guard, model),
+                                                                 with_kwargs=True))
         state.had_generate = "generate" in model.__dict__
         state.saved_generate = model.__dict__.get("generate")
         if hasattr(model, "generate"):
-            model.generate = _wrap_generate(model, model.generate)
+            model.generate = _Generate(model)
         setattr(model, _STATE, state)
     except Exception:
         _teardown(model, state)
@@ -139,29 +160,41 @@ def unprune(model: torch.nn.Module) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Run ``model`` unpruned inside the block (A/B in one process), pruned again afterwards."""
+    """Run ``model`` unpruned inside the block (A/B in one process), pruned again afterwards.
+
+    Only calls in this thread (this context) run unpruned; other threads using the model keep pruning."""
     state = _state(model)
     if state is None:
         raise ValueError("model is not pruned by vtprune; disabled() needs a pruned model")
-    prev, state.enabled = state.enabled, False
+    token = _DISABLED.set(_DISABLED.get() | {id(state.adapter)})
     try:
         yield model
     finally:
-        state.enabled = prev
+        _DISABLED.reset(token)
+
+
+def _enabled(state: _State) -> bool:
+    return id(state.adapter) not in _DISABLED.get()
 
 
 def last_report(model: torch.nn.Module) -> PruneReport | None:
-    """Report of the last pruned call (None before the first call with images)."""
+    """Report of this thread's latest call of ``model``: ``None`` if that call pruned nothing (no images, a
+    disabled block, nothing to drop). Decode steps continuing a pruned prefill keep the prefill's report. Per thread:
+    a thread never sees another thread's report."""
     state = _state(model)
     if state is None:
         raise ValueError("model is not pruned by vtprune; call vtprune.prune(model, ...) first")
-    return state.report
+    return getattr(state.local, "report", None)
 
 
 def select_tokens(method: str, features: torch.Tensor, keep: int, **signals: Any) -> torch.Tensor:
-    """Run one selector standalone: ``features[B, N, D]`` -> kept indices ``LongTensor[B, keep]``, ascending."""
+    """Run one selector standalone: ``features[B, N, D]`` -> kept indices ``LongTensor[B, keep]``, ascending.
+
+    Selection is not differentiable: it runs without autograd, on detached inputs. Merging selectors (vflowopt)
+    return their kept indices here; the merged tokens come with a pruned model's forward."""
     spec = get_selector(method)
-    return spec.fn(features, keep, **signals)
+    sel = run_selector(spec, features, keep, **signals)
+    return sel[0] if isinstance(sel, tuple) else sel
 
 
 # ---- hooks -------------------------------------------------------------------------------------------------------
@@ -181,76 +214,202 @@ def _bind(fn: Any, args: tuple, kwargs: dict[str, Any], skip: int) -> dict[str, 
     return out
 
 
-def _forward_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
-    state = _state(module)
-    if state is None or not state.enabled:
+def _has_images(kw: dict[str, Any]) -> bool:
+    enc = kw.get("mm_encoder_outputs")
+    return kw.get("pixel_values") is not None or (isinstance(enc, dict) and enc.get("image") is not None)
+
+
+def _image_tokens(state: _State, ids: torch.Tensor | None) -> int:
+    return int((ids == state.adapter.image_token_id()).sum()) if ids is not None else 0
+
+
+def _check_continuation(state: _State, kw: dict[str, Any], cached: int) -> None:
+    """A call that continues a non-empty KV cache may not bring images: vtprune prunes images at the prefill that
+    starts a cache, and silently running them unpruned would break "the model sees only kept tokens"."""
+    n = _image_tokens(state, kw.get("input_ids"))
+    if n:
+        raise ValueError(
+            f"this call continues a KV cache of {cached} tokens and brings an image ({n} image tokens in its "
+            "uncached input_ids); vtprune prunes images in the prefill "
+            "that starts a cache. Pass the whole conversation with past_key_values=None (vtprune then prunes every "
+            "image in it), or run this call inside `with vtprune.disabled(model):` to keep the new image unpruned")
+
+
+def _inner_guard(owner: torch.nn.Module, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """The inner model called without vtprune's outer hooks (``model.forward(...)``, ``model.model(...)``): say so
+    instead of silently running the images unpruned."""
+    state = _state(owner)
+    if state is None or not _enabled(state) or calls.current(state.adapter) is not None:
         return None
     kw = _bind(type(module).forward, args, kwargs, skip=1)
+    if _has_images(kw) and cached_length(kw) == 0:
+        raise ValueError("vtprune prunes through the model's own call: use model(...) or model.generate(...). "
+                         "model.forward(...), model.model(...) and type(model).generate(model, ...) bypass the "
+                         "pruning hooks; run such calls inside `with vtprune.disabled(model):` to mean unpruned")
+    return None
+
+
+def _forward_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+    state = _state(module)
+    if state is None or not _enabled(state):
+        return None
+    c = calls.current(state.adapter)
+    if c is None:
+        c = calls.open_call(state.adapter, "forward")  # closed by _forward_hook, which runs even on errors
+    kw = _bind(type(module).forward, args, kwargs, skip=1)
     cached = cached_length(kw)
+    session = session_of(cache_of(kw))
     new = None
     if cached > 0:
-        # a decode step of the caller's own loop after a pruned prefill (generate keeps its own positions)
-        new = state.adapter.decode_call(kw, state.decode, cached) if state.decode is not None else None
+        if not c.rewritten:
+            _check_continuation(state, kw, cached)
+            if session is not None and session.pre is not None:
+                # a decode step of the caller's own loop after a pruned prefill (generate keeps its own positions)
+                new = state.adapter.decode_call(kw, session.pre, cached)
     else:
-        state.decode = None
-        res = None
-        if state.pre is not None:
+        c.prefill = True
+        if c.rewritten:
+            new = _with_mask(kw)
+        elif state.pre is not None:
+            if kw.get("pixel_values") is None and _has_images(kw):
+                raise ValueError(
+                    "this call carries precomputed image features (mm_encoder_outputs) and no pixel_values: vtprune "
+                    "needs pixel_values to score and select tokens. type(model).generate(model, ...) does this "
+                    "(it bypasses vtprune's model.generate); call model.generate(...) or model(...) with "
+                    "pixel_values, or run the call inside `with vtprune.disabled(model):` to mean unpruned")
             res = state.adapter.prune_call(kw, state.pre[0], state.pre[1], state.config, generate=False)
-        if res is not None:
-            new, state.report = res
-            state.decode = state.adapter.decode_info(kw, new, state.config)
+            if res is not None:
+                new, c.report = res
+                info = state.adapter.session_info(kw, new, state.config)
+                if info is not None:
+                    c.session = Session(pre=info)
     if state.llm is not None:
         final = new if new is not None else kw
-        if cached == 0 and final.get("labels") is not None and final.get("pixel_values", final.get(
-                "mm_encoder_outputs")) is not None:
+        if cached == 0 and final.get("labels") is not None and _has_images(final):
             raise ValueError("labels are not supported with in-LLM stages (logits cover only the kept tokens); "
                              "use a pre_llm stage for training-style forwards")
-        base = state.report if new is not None else state.pending
-        report = state.llm.begin(final.get("input_ids"), final.get("attention_mask"), cached,
-                                 base if cached == 0 else None)
-        if cached == 0 and report is not None:
-            state.report, state.pending = report, None
+        state.llm.begin(c, final, cached, session)
     return None if new is None else ((), new)
 
 
-def _forward_hook(module: torch.nn.Module, args: tuple, *rest: Any) -> None:
+def _with_mask(kw: dict[str, Any]) -> dict[str, Any] | None:
+    """A pruned prompt with preserved positions has gaps in its position ids. Without a cache and a mask (generate
+    drops an all-ones mask; use_cache=False drops the cache) transformers reads every gap as the start of a new
+    packed sequence (``find_packed_sequence_indices``) and splits the attention: hand it an explicit mask."""
+    ids = kw.get("input_ids")
+    if kw.get("attention_mask") is not None or kw.get("position_ids") is None or ids is None:
+        return None
+    return {**kw, "attention_mask": torch.ones_like(ids)}
+
+
+def _forward_hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
     state = _state(module)
-    if state is not None and state.llm is not None:
-        state.llm.end()
+    if state is None:
+        return
+    c = calls.current(state.adapter)
+    if c is None:
+        return
+    try:
+        if state.llm is not None:
+            state.llm.end(c)
+        if output is not None and c.session is not None:
+            calls.attach_session(calls.output_cache(output), c.session)
+    finally:
+        if c.kind == "forward":
+            if c.prefill:
+                state.local.report = c.report
+            calls.close_call(c)
 
 
-def _wrap_generate(model: torch.nn.Module, generate: Any) -> Any:
-    @functools.wraps(generate)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+class _Generate:
+    """``model.generate`` while the model is pruned: prune the prompt once, then run the model's own ``generate``.
+
+    It holds nothing but the model, and copies and pickles rebuild it around the copy (``__reduce__``), so
+    ``copy.deepcopy(pruned).generate`` runs the copy, never the original object.
+    """
+
+    __name__ = "generate"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __reduce__(self) -> tuple:
+        return (_Generate, (self.model,))
+
+    @property
+    def __wrapped__(self) -> Any:
+        state = _state(self.model)
+        if state is not None and state.had_generate:
+            return state.saved_generate
+        return type(self.model).generate.__get__(self.model)
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # generate's signature, for code that inspects it
+        return inspect.signature(self.__wrapped__)
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return self.__wrapped__.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model, inner = self.model, self.__wrapped__
         state = _state(model)
-        if state is None or not state.enabled:
-            return generate(*args, **kwargs)
-        state.decode = None
-        kw = _bind(generate, args, kwargs, skip=0)
+        if state is None or not _enabled(state):
+            return inner(*args, **kwargs)
+        kw = _bind(inner, args, kwargs, skip=0)
         if "inputs" in kw and "input_ids" not in kw:
             kw["input_ids"] = kw.pop("inputs")
-        res = None
-        if state.pre is not None:
-            res = state.adapter.prune_call(kw, state.pre[0], state.pre[1], state.config, generate=True)
-        if state.llm is not None:
-            state.llm.session = {}  # in-LLM decisions are fixed by this call's first prefill
+        c = calls.open_call(state.adapter, "generate")
+        c.prefill = True
         try:
-            if res is None:
-                return generate(**kw)
-            new_kwargs, state.report = res
-            state.pending = state.report
-            out = generate(**new_kwargs)
-        finally:
-            state.pending = None
-            if state.llm is not None:
-                state.llm.session = None
-        # hand back the caller's own prompt followed by the new tokens, so out[:, L_in:] keeps working
-        prompt, pruned_len = kw["input_ids"], new_kwargs["input_ids"].shape[1]
-        seq = out.sequences if hasattr(out, "sequences") else out
-        full = torch.cat([prompt.to(seq.device), seq[:, pruned_len:]], dim=1)
-        if hasattr(out, "sequences"):
-            out.sequences = full
+            # generate is inference: the vision tower and the selection run without autograd too
+            with torch.no_grad():
+                new = _prepare_generate(state, c, kw)
+                out = inner(**(new if new is not None else kw))
+            if new is not None and new["input_ids"] is not kw.get("input_ids"):
+                out = _restore_prompt(out, kw["input_ids"], new["input_ids"].shape[1])
             return out
-        return full
+        finally:
+            state.local.report = c.report
+            calls.close_call(c)
 
-    return wrapper
+
+def _prepare_generate(state: _State, c: calls.Call, kw: dict[str, Any]) -> dict[str, Any] | None:
+    """The kwargs generate runs with: the pruned prompt, a continuation of a pruned cache, or None (unchanged)."""
+    cached = cached_length(kw)
+    if cached > 0:
+        session = session_of(cache_of(kw))
+        if session is not None and session.pre is not None:
+            new = state.adapter.continue_call(kw, session.pre, cached)
+            c.rewritten = True
+            c.report = PruneReport(stage=state.config.stages[0].where, positions=state.config.positions,
+                                   note=f"continued a KV cache pruned by an earlier call ({cached} cached tokens); "
+                                        "no new image in this call")
+            return new
+        ids = kw.get("input_ids")
+        if ids is not None and ids.shape[1] > cached:  # generate gets the whole sequence and feeds what is uncached
+            ids = ids[:, cached:]
+        _check_continuation(state, {"input_ids": ids}, cached)
+        return None
+    if state.pre is None:
+        return None
+    res = state.adapter.prune_call(kw, state.pre[0], state.pre[1], state.config, generate=True)
+    if res is None:
+        return None
+    new, c.report = res
+    c.rewritten = True
+    info = state.adapter.session_info(kw, new, state.config)
+    if info is not None:
+        c.session = Session(pre=info)
+    return new
+
+
+def _restore_prompt(out: Any, prompt: torch.Tensor, pruned_len: int) -> Any:
+    """Hand back the caller's own prompt followed by the new tokens, so ``out[:, L_in:]`` keeps working (with
+    several return sequences or beams each prompt row is repeated, as generate repeats it)."""
+    seq = out.sequences if hasattr(out, "sequences") else out
+    full = torch.cat([repeat_rows(prompt.to(seq.device), seq.shape[0]), seq[:, pruned_len:]], dim=1)
+    if hasattr(out, "sequences"):
+        out.sequences = full
+        return out
+    return full

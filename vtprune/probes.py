@@ -8,8 +8,8 @@ receives (streamed over query blocks, O(H·L) memory) — instead of materialisi
 
 from __future__ import annotations
 
+import contextvars
 import sys
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -17,8 +17,9 @@ import torch
 
 PREFIX = "vtprune_probe+"
 
-# module -> reducer(query, key, value, attention_mask, scaling, kwargs) -> Tensor; results appended per call
-_ARMED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# module -> ((reducer, results), ...) armed in the running context only: a thread (or task) running the same model
+# at the same time never fires another's probes. Copy-on-write, restored on exit (Captures nest, LIFO).
+_ARMED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vtprune_armed", default=None)
 
 
 def _base_function(base: str, module: torch.nn.Module) -> Callable:
@@ -102,9 +103,16 @@ def received_attention(query, key, value, attention_mask, scaling, kwargs, block
 
 def _make_probe(base: str) -> Callable:
     def probe(module, query, key, value, attention_mask, *args, **kwargs):
-        for reducer, results in _ARMED.get(module, ()):
-            results.append(reducer(query, key, value, attention_mask, kwargs.get("scaling", query.shape[-1] ** -0.5),
-                                   kwargs))
+        armed = _ARMED.get()
+        entries = armed.get(module, ()) if armed else ()
+        if entries:
+            # scores are computed without autograd: selection is not differentiable, and a grad-enabled forward
+            # (fine-tuning with pruning) must not keep the probe's intermediates alive
+            scaling = kwargs.get("scaling", query.shape[-1] ** -0.5)
+            with torch.no_grad():
+                q, k, v = query.detach(), key.detach(), value.detach()
+                for reducer, results in entries:
+                    results.append(reducer(q, k, v, attention_mask, scaling, kwargs))
         return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
 
     return probe
@@ -138,16 +146,13 @@ class Capture:
         self.results: list[torch.Tensor] = []
 
     def __enter__(self) -> Capture:
-        self._entry = (self.reducer, self.results)
-        _ARMED.setdefault(self.module, []).append(self._entry)  # several signals may read one layer
+        armed = dict(_ARMED.get() or {})
+        armed[self.module] = (*armed.get(self.module, ()), (self.reducer, self.results))  # several signals, one layer
+        self._token = _ARMED.set(armed)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        armed = _ARMED.get(self.module, [])
-        if self._entry in armed:
-            armed.remove(self._entry)
-        if not armed:
-            _ARMED.pop(self.module, None)
+        _ARMED.reset(self._token)
 
 
 def last_row(query, key, value, attention_mask, scaling, kwargs) -> torch.Tensor:

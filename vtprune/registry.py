@@ -65,3 +65,18 @@ def get_adapter_class(model_type: str) -> type:
 def register_selector(name: str, path: str) -> None:
     """Add a selector (``"package.module:SPEC"``) so third-party methods plug in without editing vtprune."""
     _SELECTORS[name] = path
+
+
+def run_selector(spec: SelectorSpec, features: Any, keep: int, **signals: Any) -> Any:
+    """Call a selector the way every caller must: without autograd, on detached tensors.
+
+    Selection is not differentiable. In a grad-enabled forward (fine-tuning with pruning) the adapter still gathers
+    the kept features from the live tensors, so they stay differentiable; only the scoring runs here.
+    """
+    import torch
+
+    def plain(v: Any) -> Any:
+        return v.detach() if isinstance(v, torch.Tensor) else v
+
+    with torch.no_grad():
+        return spec.fn(plain(features), keep, **{k: plain(v) for k, v in signals.items()})

@@ -8,6 +8,7 @@ asked for, plus the token layout); this file assigns images to samples, runs the
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,21 +16,20 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..call import cached_length
 from ..config import PruneConfig, StageSpec
 from ..kernels import gather_tokens
 from ..probes import Capture, flow_stats, probe_name
+from ..registry import run_selector
 from ..report import ImageReport, PruneReport, Timer, prefill_flops
 from ..selectors.base import SelectorSpec, topk_sorted
 from ..selectors.flowcut import cut_amount, flow_score
 
+__all__ = ["Adapter", "ImageTokens", "cached_length", "flowcut_in_tower", "left_compact"]
 
-def cached_length(kwargs: dict[str, Any]) -> int:
-    """Tokens already in the KV cache of a forward call (0 for a prefill). transformers 5.24 renamed the forward
-    argument ``past_key_values`` to ``cache`` (the old name is deprecated until 5.40): accept both."""
-    cache = kwargs.get("cache")
-    if cache is None:
-        cache = kwargs.get("past_key_values")
-    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+# the in-tower FlowCut run of the running context: its layer hooks act only for the call that installed them, so a
+# second thread running the same tower at the same time is not pruned by (or for) the first
+_TOWER_RUN: contextvars.ContextVar[object | None] = contextvars.ContextVar("vtprune_tower_run", default=None)
 
 
 def left_compact(keep: torch.Tensor) -> torch.Tensor:
@@ -83,11 +83,14 @@ def flowcut_in_tower(adapter: Adapter, layers: Any, attention: Any, read: int, t
     n_patches = groups.numel()
     state: dict[str, Any] = {"cum": None, "units": torch.arange(n_units, device=dev)}
     caps = [adapter.capture(attention(i), flow_stats) for i in range(read)]
+    run_id = object()
 
     def current_patches() -> torch.Tensor:
         return groups[state["units"]].flatten().sort().values
 
     def before(i: int, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if _TOWER_RUN.get() is not run_id:
+            return None
         hidden = args[0] if args else kwargs["hidden_states"]
         units = state["units"]
         if units.numel() <= target:
@@ -114,7 +117,7 @@ def flowcut_in_tower(adapter: Adapter, layers: Any, attention: Any, read: int, t
 
     def after(module: torch.nn.Module, args: tuple, out: Any):
         hidden = out[0] if isinstance(out, tuple) else out
-        if hidden.shape[1] == n_patches + 1:
+        if _TOWER_RUN.get() is not run_id or hidden.shape[1] == n_patches + 1:
             return None
         full = hidden.new_zeros(hidden.shape[0], n_patches + 1, hidden.shape[-1])
         full[:, 0] = hidden[:, 0]
@@ -122,6 +125,7 @@ def flowcut_in_tower(adapter: Adapter, layers: Any, attention: Any, read: int, t
         return (full, *out[1:]) if isinstance(out, tuple) else full
 
     handles = []
+    token = _TOWER_RUN.set(run_id)
     try:
         with contextlib.ExitStack() as stack:
             for c in caps:
@@ -132,6 +136,7 @@ def flowcut_in_tower(adapter: Adapter, layers: Any, attention: Any, read: int, t
                 handles.append(layers[read].register_forward_hook(after))
             out = run()
     finally:
+        _TOWER_RUN.reset(token)
         for h in handles:
             h.remove()
     return out, state["units"]
@@ -182,8 +187,20 @@ class Adapter:
 
     def detach(self) -> None:
         if self._saved_impl is not None:
-            self.model.set_attn_implementation({"vision_config": self._saved_impl})
+            # a choice the user made after prune() (set_attn_implementation) is theirs: restore only our probe
+            if self.model.config.vision_config._attn_implementation == probe_name(self._saved_impl):
+                self.model.set_attn_implementation({"vision_config": self._saved_impl})
             self._saved_impl = None
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        # a pickled pruned model loaded in a new process: its config names the probe, register it there too
+        self.__dict__.update(d)
+        if self._saved_impl is not None:
+            probe_name(self._saved_impl)
+
+    def inner_module(self) -> torch.nn.Module | None:
+        """The inner model (``model.model``) that the top-level forward calls; guarded against direct calls."""
+        return getattr(self.model, "model", None)
 
     def capture(self, module: torch.nn.Module, reducer: Any) -> Capture:
         if self._saved_impl is None:
@@ -327,7 +344,7 @@ class Adapter:
                     signals[s] = torch.stack([images[i].signals[s][cand[i]] for i in idxs])
             timer = Timer(feats.device)
             with timer:
-                sel = spec.fn(feats, k, **stage.options, **signals)
+                sel = run_selector(spec, feats, k, **stage.options, **signals)
             merged = None
             if isinstance(sel, tuple):  # merging selectors also return the tokens to inject at their slots
                 sel, merged = sel
@@ -411,14 +428,24 @@ class Adapter:
         # forward's rule without a cache: arange over the sequence
         return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
 
-    def decode_info(self, kwargs: dict[str, Any], new: dict[str, Any], config: PruneConfig) -> dict[str, Any] | None:
-        """What a caller's own decode loop needs after a pruned forward prefill (None if nothing was dropped)."""
+    def session_info(self, kwargs: dict[str, Any], new: dict[str, Any], config: PruneConfig) -> dict[str, Any] | None:
+        """What calls continuing this pruned prefill's KV cache need (None if nothing was dropped): the caller's
+        prompt ``orig_ids`` [B, L], the pruned prompt the language model consumed (``pruned_ids``, ``mask`` [B, L'],
+        its ``positions`` and per-token type ids), and ``next_pos`` [B], the position after the prompt as the model
+        saw it (None when the model built positions itself: its default, after the pruned cache, is then right)."""
         orig_len, new_len = kwargs["input_ids"].shape[1], new["input_ids"].shape[1]
         if orig_len == new_len:
             return None
-        next_pos = self.original_positions(kwargs, generate=False)[..., -1] + 1
-        return {"orig_len": orig_len, "new_len": new_len, "mask": new["attention_mask"],
-                "next_pos": next_pos if config.positions == "preserve" else None}
+        pos = new.get("position_ids")
+        return {"orig_ids": kwargs["input_ids"], "orig_len": orig_len, "new_len": new_len,
+                "pruned_ids": new["input_ids"], "mask": new["attention_mask"], "positions": pos,
+                "types": {k: new[k] for k in ("token_type_ids", "mm_token_type_ids") if new.get(k) is not None},
+                "next_pos": None if pos is None else self.next_position(pos, new["attention_mask"])}
+
+    def next_position(self, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B]: the position id right after the prompt (1-D RoPE: the last prompt token is text, never pruned,
+        and under left padding it is the last column)."""
+        return positions[..., -1] + 1
 
     def decode_call(self, kwargs: dict[str, Any], info: dict[str, Any], cached: int) -> dict[str, Any] | None:
         """Let a decode loop written against the unpruned prompt run unchanged: a 2-D attention mask laid out on the
@@ -434,6 +461,52 @@ class Adapter:
             new["attention_mask"] = torch.cat([info["mask"].to(mask), mask[:, info["orig_len"]:]], dim=1)
         if kwargs.get("position_ids") is None and info["next_pos"] is not None:
             new["position_ids"] = info["next_pos"][:, None] + step + torch.arange(q, device=ids.device)
+        return new
+
+    def continue_call(self, kwargs: dict[str, Any], info: dict[str, Any], cached: int) -> dict[str, Any]:
+        """``generate`` continuing a KV cache that a pruned call filled (multi-turn chat with a reused cache).
+
+        transformers expects ``input_ids`` to be the whole conversation so far, in the caller's (unpruned) layout;
+        the cache holds the pruned prompt and the tokens after it. The call is re-expressed in the cache's layout:
+        the pruned prompt, then everything after the caller's prompt (answers, the next turn), with its mask, its
+        positions continuing after the unpruned prompt, and its token type ids.
+        """
+        ids, orig = kwargs.get("input_ids"), info["orig_ids"]
+        consumed = info["orig_len"] + cached - info["new_len"]  # caller-layout tokens the cache already holds
+        if ids is None or ids.shape[0] != orig.shape[0] or ids.shape[1] < consumed \
+                or not torch.equal(ids[:, : info["orig_len"]], orig.to(ids.device)):
+            got = "no input_ids" if ids is None else f"input_ids of shape {tuple(ids.shape)}"
+            raise ValueError(
+                f"this past_key_values was filled by a pruned call whose prompt had shape {tuple(orig.shape)} and "
+                f"now holds {cached} entries; vtprune continues it only when input_ids is the whole conversation so "
+                f"far (that prompt, then every token after it), as transformers expects, got {got}. Start a new "
+                "cache (past_key_values=None) for another prompt")
+        tail = ids[:, info["orig_len"]:]
+        if bool((tail == self.image_token_id()).any()):
+            raise ValueError("a new image in a call that continues a pruned KV cache is not supported: vtprune "
+                             "prunes images in the prefill that starts a cache. Pass the whole conversation with "
+                             "past_key_values=None, or run this call inside `with vtprune.disabled(model):`")
+        new = {k: v for k, v in kwargs.items() if k not in self.encoder_keys}
+        new["input_ids"] = torch.cat([info["pruned_ids"].to(ids.device), tail], 1)
+        mask = kwargs.get("attention_mask")
+        tail_mask = mask[:, info["orig_len"]:] if mask is not None else torch.ones_like(tail)
+        new["attention_mask"] = torch.cat([info["mask"].to(tail_mask), tail_mask], 1)
+        for k, t in info["types"].items():
+            given = kwargs.get(k)
+            rest = given[:, info["orig_len"]:] if given is not None else torch.zeros_like(tail)
+            new[k] = torch.cat([t.to(rest), rest], 1)
+        pos = info["positions"]
+        if info["next_pos"] is not None and pos is not None:
+            step = torch.arange(tail.shape[1], device=ids.device)
+            after = (info["next_pos"][:, None] + step).to(pos)  # [B, T]
+            if pos.dim() == 3:  # 3-D positions (Qwen): every rotary row continues alike
+                after = after[None].expand(pos.shape[0], -1, -1).clone()
+                if pos.shape[0] == 4:  # generate's layout: row 0 is the pruned sequence's own text position
+                    m = new["attention_mask"].long()
+                    after[0] = ((m.cumsum(-1) - 1).masked_fill(m == 0, 0))[:, -tail.shape[1]:].to(pos)
+            new["position_ids"] = torch.cat([pos.to(ids.device), after], -1)
+        else:
+            new.pop("position_ids", None)
         return new
 
     def _flops(self, report: PruneReport) -> None:

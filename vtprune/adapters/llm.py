@@ -21,14 +21,16 @@ Family knowledge stays in the adapters: this module only needs ``adapter.decoder
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..call import Session, current, repeat_rows
 from ..config import PruneConfig, StageSpec
 from ..kernels import gather_tokens
 from ..probes import Capture, last_flow_stats, last_row, probe_name
-from ..registry import get_selector
+from ..registry import get_selector, run_selector
 from ..report import ImageReport, PruneReport, Timer, prefill_flops
 from .base import left_compact
 
@@ -38,8 +40,35 @@ SIGNAL_NAMES = {"text_attention": "text_attention(last prompt token", "flow_stat
                 "query and value"}
 
 
+@dataclass
+class Run:
+    """The in-LLM state of one forward of the language model (kept in the call's ``Call.step``).
+
+    prefill: ``lp`` prompt length entering the LM, ``mask2d`` [B, lp], ``img`` [B, lp] image index per position
+    (-1 text), ``cur`` [B, L_cur] LM-input positions of the current sequence (-1 = padding added by vtprune),
+    ``stage_cur`` stage -> ``cur`` after that stage, ``sub`` the compacted layer kwargs, ``replay`` the first
+    prefill's decisions (same generate call without a cache), ``captures`` armed probes, ``report``.
+    decode: ``q`` new tokens, ``kv`` layer 0's key count, with ``lp`` / ``stage_cur`` from the cache's session.
+    """
+
+    phase: str
+    lp: int = 0
+    stage_cur: dict[int, torch.Tensor] = field(default_factory=dict)
+    q: int = 0
+    kv: int = 0
+    mask2d: torch.Tensor | None = None
+    img: torch.Tensor | None = None
+    cur: torch.Tensor | None = None
+    sub: dict[str, Any] | None = None
+    replay: dict[int, torch.Tensor] | None = None
+    replay_len: int = 0
+    first_ids: torch.Tensor | None = None
+    captures: dict[tuple[int, str], Capture] = field(default_factory=dict)
+    report: PruneReport | None = None
+
+
 class LLMStages:
-    """The ``llm:K`` stages of one pruned model."""
+    """The ``llm:K`` stages of one pruned model: what prune() decided and the layer hooks; no per-call state."""
 
     def __init__(self, adapter: Any, config: PruneConfig):
         self.adapter = adapter
@@ -53,8 +82,6 @@ class LLMStages:
         self.probe_layers = sorted({layer for layer, _ in self.probes})
         self.handles: list[Any] = []
         self._saved_impl: str | None = None
-        self.phase: str | None = None
-        self.session: dict | None = None
 
     # ---- install ------------------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -79,107 +106,130 @@ class LLMStages:
             h.remove()
         self.handles.clear()
         if self._saved_impl is not None:
-            self.adapter.model.set_attn_implementation({"text_config": self._saved_impl})
+            # a choice the user made after prune() (set_attn_implementation) is theirs: restore only our probe
+            if self.adapter.text_config()._attn_implementation == probe_name(self._saved_impl):
+                self.adapter.model.set_attn_implementation({"text_config": self._saved_impl})
             self._saved_impl = None
 
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+        if self._saved_impl is not None:  # unpickled in a new process: register the probe named in the config
+            probe_name(self._saved_impl)
+
     # ---- one call -----------------------------------------------------------------------------------------------
-    def begin(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, cached: int,
-              report: PruneReport | None) -> PruneReport | None:
-        """Called before every forward with the ids/mask the language model will see (after the pre_llm stage)."""
-        self.phase = None
+    def begin(self, c: Any, kwargs: dict[str, Any], cached: int, session: Any) -> None:
+        """Called before every forward with the kwargs the model will get (after the pre_llm stage)."""
+        c.step = None
+        input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         if cached > 0:
-            if getattr(self, "stage_cur", None) and input_ids is not None:
-                self.phase = "decode"
-                self.q = input_ids.shape[1]
-                self.kv = cached + self.q  # full-length keys of this step (layer 0's view)
-            return report
-        if input_ids is None or not bool((input_ids == self.adapter.image_token_id()).any()):
-            self.stage_cur = {}
-            return report
+            llm = session.llm if session is not None else None
+            if llm is not None and input_ids is not None:
+                rows = next(iter(llm["stage_cur"].values())).shape[0]
+                if rows != input_ids.shape[0]:
+                    raise ValueError(f"this KV cache was filled by a pruned call of {rows} rows, but this call has "
+                                     f"{input_ids.shape[0]}; continue a cache with the batch that filled it")
+                c.step = Run("decode", lp=llm["lp"], stage_cur=llm["stage_cur"], q=input_ids.shape[1],
+                             kv=cached + input_ids.shape[1])
+            return
+        if input_ids is None:
+            if kwargs.get("inputs_embeds") is not None:
+                raise ValueError("in-LLM stages need input_ids to find the image tokens (got inputs_embeds only); "
+                                 "pass input_ids, or run this call inside `with vtprune.disabled(model):`")
+            return
+        if not bool((input_ids == self.adapter.image_token_id()).any()):
+            return
         b, length = input_ids.shape
-        self.phase = "prefill"
-        self.lp = length
-        self.mask2d = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         is_img = input_ids == self.adapter.image_token_id()
         # image index of every LM-input position (one placeholder run = one image), -1 for text
         starts = is_img & ~torch.nn.functional.pad(is_img[:, :-1], (1, 0), value=False)
-        self.img = (starts.long().cumsum(1) - 1).masked_fill(~is_img, -1)
-        self.cur = torch.arange(length, device=input_ids.device).expand(b, length)
-        self.stage_cur: dict[int, torch.Tensor] = {}
-        self.sub: dict[str, Any] | None = None
-        self.replay = None
-        if self.session is not None:
-            first = self.session.get("ids")
+        run = Run("prefill", lp=length, mask2d=attention_mask if attention_mask is not None
+                  else torch.ones_like(input_ids), img=(starts.long().cumsum(1) - 1).masked_fill(~is_img, -1),
+                  cur=torch.arange(length, device=input_ids.device).expand(b, length))
+        first = c.llm_replay
+        if c.kind == "generate":
             if first is None:
-                self.session["ids"] = input_ids
-            elif input_ids.shape[1] >= first.shape[1] and torch.equal(input_ids[:, : first.shape[1]], first):
-                self.replay = self.session["stage_cur"]  # same generate call, no cache: reuse the first decisions
-        self.captures = {(layer, r): Capture(self.layers[layer].self_attn, LLM_SIGNALS[r]) for layer, r in self.probes}
-        for c in self.captures.values():
-            c.__enter__()
-        if self.replay is not None:
-            self.report = PruneReport()  # a replayed step reports nothing new; keep the first prefill's report
-            return None
-        self.report = report if report is not None else PruneReport(stage="", positions="preserve")
-        names = [self.report.stage] + [s.where for s, _ in self.stages]
-        self.report.stage = "+".join(dict.fromkeys(n for n in names if n))
-        return self.report
+                run.first_ids = input_ids
+            elif input_ids.shape[1] >= first["ids"].shape[1] and input_ids.shape[0] == first["ids"].shape[0] \
+                    and torch.equal(input_ids[:, : first["ids"].shape[1]], first["ids"]):
+                run.replay = first["stage_cur"]  # same generate call, no cache: reuse the first decisions
+                run.replay_len = first["ids"].shape[1]
+        for layer, r in self.probes:
+            cap = Capture(self.layers[layer].self_attn, LLM_SIGNALS[r])
+            cap.__enter__()
+            run.captures[(layer, r)] = cap
+        c.step = run
+        if run.replay is not None:
+            return  # a replayed step reports nothing new; the call keeps the first prefill's report
+        if c.report is None:
+            c.report = PruneReport(stage="", positions="preserve")
+        names = [c.report.stage] + [s.where for s, _ in self.stages]
+        c.report.stage = "+".join(dict.fromkeys(n for n in names if n))
+        run.report = c.report
 
-    def end(self) -> None:
-        """Called after every forward: disarm probes and finish the report of a prefill."""
-        for c in getattr(self, "captures", {}).values():
-            c.__exit__(None, None, None)
-        self.captures = {}
-        if self.phase == "prefill" and self.session is not None and self.replay is None:
-            self.session["stage_cur"] = dict(self.stage_cur)
-        if self.phase == "prefill" and self.replay is None:
-            self._finish_report()
-        self.phase = None
+    def end(self, c: Any) -> None:
+        """Called after every forward: disarm probes, finish the report of a prefill, hand its kept sets on."""
+        run, c.step = c.step, None
+        if run is None:
+            return
+        for cap in reversed(list(run.captures.values())):  # probes nest: disarm in reverse order
+            cap.__exit__(None, None, None)
+        if run.phase != "prefill" or run.replay is not None:
+            return
+        if run.first_ids is not None:
+            c.llm_replay = {"ids": run.first_ids, "stage_cur": dict(run.stage_cur)}
+        if run.stage_cur:
+            if c.session is None:
+                c.session = Session()
+            c.session.llm = {"lp": run.lp, "stage_cur": dict(run.stage_cur)}
+        self._finish_report(run)
 
     # ---- layer hooks --------------------------------------------------------------------------------------------
     def _layer_hook(self, i: int, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
-        if self.phase is None:
+        c = current(self.adapter)
+        run = c.step if c is not None else None
+        if run is None:
             return None
-        if self.phase == "decode":
-            s = max(k for k in self.stage_cur if self.stages[k][0].layer <= i) if self.stage_cur else None
+        if run.phase == "decode":
+            s = max((k for k in run.stage_cur if self.stages[k][0].layer <= i), default=None)
             if s is None:
                 return None
             kwargs = dict(kwargs)
-            kwargs["attention_mask"] = self._decode_mask(s, kwargs.get("attention_mask"))
+            kwargs["attention_mask"] = self._decode_mask(run, s, kwargs.get("attention_mask"))
             return args, kwargs
         hidden = args[0] if args else kwargs["hidden_states"]
         if i in self.stage_at:
             # after an earlier stage the loop's full-length kwargs are stale: prune from the current ones
-            current = {**kwargs, **self.sub} if self.sub is not None else kwargs
-            hidden = self._prune(self.stage_at[i], hidden, current)
-        if self.sub is None:
+            now = {**kwargs, **run.sub} if run.sub is not None else kwargs
+            hidden = self._prune(run, self.stage_at[i], hidden, now)
+        if run.sub is None:
             return None
-        kwargs = {**kwargs, **self.sub}
+        kwargs = {**kwargs, **run.sub}
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _prune(self, s: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    def _prune(self, run: Run, s: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         stage, spec = self.stages[s]
-        cur = self.cur
+        cur = run.cur
         b = cur.shape[0]
-        if self.replay is not None and s in self.replay:
-            stored = self.replay[s]
-            extra = torch.arange(self.lp - self.session["ids"].shape[1], device=cur.device)
-            target = torch.cat([stored, (self.session["ids"].shape[1] + extra).expand(b, -1)], 1)
+        if run.replay is not None and s in run.replay:
+            stored = run.replay[s]
+            first_len = run.replay_len
+            extra = torch.arange(run.lp - first_len, device=cur.device)
+            target = torch.cat([stored, (first_len + extra).expand(b, -1)], 1)
             # where each target position sits in the current sequence
-            inv = torch.full((b, self.lp + 1), -1, dtype=torch.long, device=cur.device)
-            inv.scatter_(1, cur.masked_fill(cur < 0, self.lp), torch.arange(cur.shape[1], device=cur.device)
+            inv = torch.full((b, run.lp + 1), -1, dtype=torch.long, device=cur.device)
+            inv.scatter_(1, cur.masked_fill(cur < 0, run.lp), torch.arange(cur.shape[1], device=cur.device)
                          .expand(b, -1).contiguous())
-            src = inv.gather(1, target.masked_fill(target < 0, self.lp)).masked_fill(target < 0, -1)
+            src = inv.gather(1, target.masked_fill(target < 0, run.lp)).masked_fill(target < 0, -1)
         else:
-            src = self._select(s, stage, spec, hidden)
+            src = self._select(run, s, stage, spec, hidden)
         pad = src < 0
         idx = src.clamp(min=0)
         new_cur = cur.gather(1, idx).masked_fill(pad, -1)
-        self.stage_cur[s] = new_cur
-        self.cur = new_cur
+        run.stage_cur[s] = new_cur
+        run.cur = new_cur
         cos, sin = kwargs["position_embeddings"]
         sub: dict[str, Any] = {"position_embeddings": (self._rows(cos, idx), self._rows(sin, idx))}
         pos = kwargs.get("position_ids")
@@ -187,18 +237,18 @@ class LLMStages:
             sub["position_ids"] = pos.expand(*pos.shape[:-2], b, pos.shape[-1]).gather(
                 -1, idx.expand(*pos.shape[:-2], *idx.shape))
         sub["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"), src)
-        self.sub = sub
+        run.sub = sub
         return gather_tokens(hidden, idx)
 
-    def _select(self, s: int, stage: StageSpec, spec: Any, hidden: torch.Tensor) -> torch.Tensor:
+    def _select(self, run: Run, s: int, stage: StageSpec, spec: Any, hidden: torch.Tensor) -> torch.Tensor:
         """Kept positions of the current sequence after stage s (text and the caller's padding always kept)."""
-        cur, b = self.cur, self.cur.shape[0]
+        cur, b = run.cur, run.cur.shape[0]
         valid = cur >= 0
-        img = self.img.gather(1, cur.clamp(min=0)).masked_fill(~valid, -1)
+        img = run.img.gather(1, cur.clamp(min=0)).masked_fill(~valid, -1)
         keep = valid & (img < 0)
         rows: dict[str, torch.Tensor] = {}
         for r in (r for r in spec.requires if r in LLM_SIGNALS):
-            res = self.captures[(stage.layer - 1, r)].results
+            res = run.captures[(stage.layer - 1, r)].results
             if not res:
                 raise RuntimeError("vtprune: the language-model attention probe did not fire; the attention "
                                    "implementation was changed after prune — unprune and prune again")
@@ -209,7 +259,7 @@ class LLMStages:
                 for j in range(int(img[bi].max()) + 1):
                     pos = (img[bi] == j).nonzero().flatten()
                     n_now = pos.numel()
-                    n_in = int((self.img[bi] == j).sum())
+                    n_in = int((run.img[bi] == j).sum())
                     k = stage.budget(n_now, of=n_in)
                     if k >= n_now and not spec.adaptive:  # an adaptive selector may keep fewer than its cap
                         keep[bi, pos] = True
@@ -217,9 +267,9 @@ class LLMStages:
                     signals: dict[str, Any] = {"seed": torch.tensor([self.seed * 1_000_003 + j])}
                     for r, row in rows.items():
                         signals[r] = row[bi][..., pos][None]
-                    sel = spec.fn(hidden[bi, pos][None], k, **stage.options, **signals)[0]
+                    sel = run_selector(spec, hidden[bi, pos][None], k, **stage.options, **signals)[0]
                     keep[bi, pos[sel[sel >= 0]]] = True
-        self._stage_entries(s, stage, spec, img, keep, timer)
+        self._stage_entries(run, stage, spec, img, keep, timer)
         return left_compact(keep)
 
     @staticmethod
@@ -264,37 +314,38 @@ class LLMStages:
             return mask.masked_fill(where, allow)
         return mask.masked_fill(where, 0.0 if allow else torch.finfo(mask.dtype).min)
 
-    def _decode_mask(self, s: int, mask: torch.Tensor | None) -> torch.Tensor | None:
-        cur = self.stage_cur[s]
+    def _decode_mask(self, run: Run, s: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+        cur = run.stage_cur[s]
         pad = cur < 0
         b = cur.shape[0]
+        lp = run.lp
         if mask is None:
             if not bool(pad.any()):
                 return None
             # the model saw no padding and skipped its mask, but this group's rows were re-padded by vtprune
-            q, new = self.q, self.kv - self.lp
+            q, new = run.q, run.kv - lp
             r = torch.arange(q, device=cur.device)[:, None]
             causal_new = torch.arange(new, device=cur.device)[None, :] <= (new - q + r)
             full = torch.cat([(~pad)[:, None, :].expand(b, q, -1), causal_new[None].expand(b, -1, -1)], 2)
             return self._model_mask(full[:, None])
         if mask.dim() == 2:
-            return torch.cat([mask.gather(1, cur.clamp(min=0)).masked_fill(pad, 0), mask[:, self.lp:]], 1)
+            return torch.cat([mask.gather(1, cur.clamp(min=0)).masked_fill(pad, 0), mask[:, lp:]], 1)
         kv = mask.shape[-1]
-        cols = torch.cat([cur.clamp(min=0), torch.arange(self.lp, kv, device=cur.device).expand(b, -1)], 1)
+        cols = torch.cat([cur.clamp(min=0), torch.arange(lp, kv, device=cur.device).expand(b, -1)], 1)
         m = mask.expand(b, *mask.shape[1:])
         m = m.gather(3, cols[:, None, None, :].expand(b, m.shape[1], m.shape[2], cols.shape[1]))
-        hole = torch.cat([pad, torch.zeros(b, kv - self.lp, dtype=torch.bool, device=cur.device)], 1)
+        hole = torch.cat([pad, torch.zeros(b, kv - lp, dtype=torch.bool, device=cur.device)], 1)
         return self._mask_fill(m, hole[:, None, None, :])
 
     # ---- report -------------------------------------------------------------------------------------------------
-    def _stage_entries(self, s: int, stage: StageSpec, spec: Any, img: torch.Tensor, keep: torch.Tensor,
+    def _stage_entries(self, run: Run, stage: StageSpec, spec: Any, img: torch.Tensor, keep: torch.Tensor,
                        timer: Timer) -> None:
         entries = []
         for bi in range(img.shape[0]):
             for j in range(int(img[bi].max()) + 1):
-                first_pos = (self.img[bi] == j).nonzero().flatten()
+                first_pos = (run.img[bi] == j).nonzero().flatten()
                 here = img[bi] == j
-                kept_lm = self.cur[bi][here & keep[bi]]  # LM-input positions kept
+                kept_lm = run.cur[bi][here & keep[bi]]  # LM-input positions kept
                 entries.append(ImageReport(
                     sample=bi, image=j, kept=torch.searchsorted(first_pos, kept_lm), n_before=int(here.sum()),
                     method=spec.name, stage=stage.where, signal=", ".join(
@@ -302,31 +353,32 @@ class LLMStages:
                     _timer=timer))
         for e in entries:
             e._share = len(entries)
-        self.report.images.extend(entries)
+        run.report.images.extend(entries)
 
-    def _finish_report(self) -> None:
-        rep = self.report
+    def _finish_report(self, run: Run) -> None:
+        rep = run.report
         n_layers = len(self.layers)
-        b = self.img.shape[0]
-        vis_in = (self.img >= 0).sum(1)
-        real_in = self.mask2d.sum(1)
+        b = run.img.shape[0]
+        vis_in = (run.img >= 0).sum(1)
+        real_in = run.mask2d.sum(1)
         counts = torch.zeros(b, n_layers, dtype=torch.long)
         tokens = torch.zeros(b, n_layers, dtype=torch.long)
         counts[:] = vis_in[:, None].cpu()
         tokens[:] = real_in[:, None].cpu()
         for s, (stage, _) in enumerate(self.stages):
-            cur = self.stage_cur.get(s)
+            cur = run.stage_cur.get(s)
             if cur is None:
                 continue
             valid = cur >= 0
-            vis = (self.img.gather(1, cur.clamp(min=0)) >= 0) & valid
-            real = self.mask2d.gather(1, cur.clamp(min=0)).bool() & valid
+            vis = (run.img.gather(1, cur.clamp(min=0)) >= 0) & valid
+            real = run.mask2d.gather(1, cur.clamp(min=0)).bool() & valid
             counts[:, stage.layer:] = vis.sum(1)[:, None].cpu()
             tokens[:, stage.layer:] = real.sum(1)[:, None].cpu()
         rep.layer_visual_tokens = counts
         rep.avg_visual_per_layer = counts.float().mean(1).tolist()
-        tm = rep.token_map if rep.token_map is not None else torch.arange(self.lp).expand(b, -1)
-        rep.token_map = tm.gather(1, self.cur.clamp(min=0)).masked_fill(self.cur < 0, -1)
+        # the pre_llm map has a row per sample; generate's beams / return sequences repeat each sample in place
+        tm = repeat_rows(rep.token_map, b) if rep.token_map is not None else torch.arange(run.lp).expand(b, -1)
+        rep.token_map = tm.gather(1, run.cur.clamp(min=0)).masked_fill(run.cur < 0, -1)
         d, m, _ = self.adapter.text_dims()
         rep.flops_after = sum(prefill_flops(tokens[:, layer].tolist(), d, m, 1) for layer in range(n_layers))
         if not rep.tokens_before:

@@ -3,8 +3,9 @@
 Positions (the part most pruners get wrong): the 3-D M-RoPE positions are computed by the model's own code on the
 *unpruned* prompt, and the kept tokens keep their (t, h, w) columns; text keeps its positions. For ``generate`` the
 model's own generate-time layout is used ([text row; t; h; w]) and the text row, which only feeds mask creation, is
-re-laid on the pruned sequence. ``rope_deltas`` is set to ``max position + 1 − pruned length`` per sample, so any
-decode step that derives positions from the cache continues right after the unpruned maximum.
+re-laid on the pruned sequence. Positions always go to the model explicitly (generate extends them step by step;
+a caller's own decode loop gets them from vtprune), so the model's cached ``rope_deltas`` is never read for a pruned
+sequence and vtprune never writes it (it stays what the model's own code set).
 
 Signal: the Qwen ViT has no [CLS]. ``fastervlm`` gets a documented substitute: the attention each patch *receives*
 (mean over all queries of its image, head mean) in the last full-attention ViT block, summed over the 2×2 merge
@@ -106,9 +107,6 @@ class Qwen2VLAdapter(Adapter):
             text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
             pos = torch.cat([text[None].to(pos), pos[1:]])
             new["position_ids"] = pos
-        rope = pos[-3:]
-        longest = rope.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2))
-        self.base.rope_deltas = (longest + 1 - mask.sum(-1))[:, None]
 
     def _compact_positions(self, new: dict[str, Any]) -> torch.Tensor:
         """positions="compact" ablation: kept image tokens re-indexed like text (1-D positions on all 3 axes)."""
@@ -116,14 +114,11 @@ class Qwen2VLAdapter(Adapter):
         text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         return text[None].expand(3, -1, -1).clone()
 
-    def decode_info(self, kwargs, new, config):
-        """Decode steps of a caller's own loop continue after the largest kept M-RoPE position (all three axes).
+    def next_position(self, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B]: decoding continues after the largest kept M-RoPE position (all three rotary axes; row 0 of
+        generate's 4-row layout only feeds mask creation).
 
         Positions are given explicitly: in transformers 5.23 a Qwen2-VL decode step with a full 2-D mask and no
         position_ids fails even without vtprune (positions are built for the whole mask, not the new tokens).
         """
-        info = super().decode_info(kwargs, new, config)
-        if info is not None:
-            rope, mask = new["position_ids"][-3:], new["attention_mask"]
-            info["next_pos"] = rope.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2)) + 1
-        return info
+        return positions[-3:].masked_fill(mask[None] == 0, -1).amax(dim=(0, 2)) + 1
