@@ -150,4 +150,7 @@ def test_pin_threads_and_environment_report_them():
             T.pin_threads(0)
     finally:
         torch.set_num_threads(before)
+    with T.pinned_threads(1) as n:
+        assert n == 1 == torch.get_num_threads()
+    assert torch.get_num_threads() == before
     assert "p10" in T.method_line(5, 1) and "'~'" in T.method_line(5, 1)

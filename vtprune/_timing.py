@@ -33,7 +33,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +201,17 @@ def pin_threads(n: int) -> int:
         raise ValueError(f"threads={n!r}; need at least 1")
     torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int) -> Iterator[int]:
+    """:func:`pin_threads` for the block only (the previous count comes back after), for callers inside a longer
+    process such as the test-suite."""
+    before = torch.get_num_threads()
+    try:
+        yield pin_threads(n)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cpu_name() -> str:

@@ -2,39 +2,23 @@
 
 demo: the shipped demo model (``vtprune.demo_model``, trained by the project) answers held-out synthetic questions
 unpruned and pruned by several selectors at several budgets; prints answers, visual tokens kept, prefill time and
-speed-up side by side and writes PNGs of the kept patches.
+speed-up side by side and writes PNGs of the kept patches. Prefill times come from ``vtprune._timing``: every
+configuration is timed in the same interleaved rounds, threads pinned, median and p10-p90 reported, and a speed-up
+the spread does not support is flagged.
 viz: the same picture (and answer) for a user's image, model and method.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import platform
-import statistics
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-
-def _time_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
-def header() -> str:
-    import transformers
-
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'}, " \
-        f"{torch.get_num_threads()} threads)"
-    return (f"device: {dev} | python {platform.python_version()} | torch {torch.__version__} | "
-            f"transformers {transformers.__version__} | dtype float32")
+from . import _timing
 
 
 def _sample_items(name: str, n: int) -> list:
@@ -52,10 +36,34 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, disable=total < 2)
 
 
+@contextlib.contextmanager
+def _pruned(model: torch.nn.Module, method: str, ratio: float) -> Iterator[None]:
+    """``model`` pruned by ``method`` at ``keep_ratio=ratio`` inside the block, unpruned after (also on error)."""
+    import vtprune
+
+    vtprune.prune(model, method=method, keep_ratio=ratio)
+    try:
+        yield
+    finally:
+        vtprune.unprune(model)
+
+
 def run_demo(out: Path, ratios: list[float], methods: list[str], repeats: int, name: str = "llava",
-             n_samples: int = 10, pictures: int = 3) -> None:
+             n_samples: int = 10, pictures: int = 3, threads: int = 1, warmup: int = 1) -> None:
     """Shipped demo model ``name``: answers to ``n_samples`` held-out questions unpruned and pruned by every method
-    at every keep ratio, side by side with visual tokens, prefill time and speed-up; kept-patch PNGs in ``out``."""
+    at every keep ratio, side by side with visual tokens, prefill time and speed-up; kept-patch PNGs in ``out``.
+
+    All configurations are timed together (``_timing.measure``: interleaved rounds, so load on a shared machine hits
+    each alike); speed-ups are ratios of medians from that one run, flagged where the spread does not support them.
+    Torch threads are pinned to ``threads`` for the whole run and restored after (it may run inside a longer
+    process, e.g. the tests).
+    """
+    with _timing.pinned_threads(threads):
+        _run_demo(out, ratios, methods, repeats, name, n_samples, pictures, warmup)
+
+
+def _run_demo(out: Path, ratios: list[float], methods: list[str], repeats: int, name: str, n_samples: int,
+              pictures: int, warmup: int) -> None:
     import vtprune
 
     from .demo_models import build_prompt, demo_model, parse_answer, training_record
@@ -70,12 +78,13 @@ def run_demo(out: Path, ratios: list[float], methods: list[str], repeats: int, n
                  return_tensors="pt", padding=True)
     one = proc(images=[items[0].image], text=[build_prompt(name, items[0].qa.question)], return_tensors="pt")
     n_params = sum(p.numel() for p in model.parameters())
-    print(header())
+    device = next(model.parameters()).device
+    print(_timing.environment_line(_timing.environment(device, next(model.parameters()).dtype)))
     print(f"model: vtprune demo model {name!r} ({type(model).__name__}, {n_params / 1e6:.1f} M parameters, trained "
           f"from scratch by evals/train_tiny.py on {rec['device'].split(' (')[0]}; held-out accuracy "
           f"{rec['heldout']['accuracy']['all']['accuracy']:.1%} unpruned)")
-    print(f"samples: {n_samples} held-out synthetic questions; speed: batch-1 forward (vision tower + LLM prefill), "
-          f"median of {repeats}\n")
+    print(f"samples: {n_samples} held-out synthetic questions; speed: batch-1 forward (vision tower + LLM prefill)")
+    print(_timing.method_line(repeats, warmup) + "\n")
 
     def answers() -> list[str]:
         with torch.no_grad():
@@ -84,21 +93,23 @@ def run_demo(out: Path, ratios: list[float], methods: list[str], repeats: int, n
         return [parse_answer(t) for t in tok.batch_decode(ids[:, batch["input_ids"].shape[1]:],
                                                           skip_special_tokens=True)]
 
+    def forward() -> object:
+        return model(**one)
+
     truth = [it.qa.answer for it in items]
-    with torch.no_grad():
-        base_ms = _time_ms(lambda: model(**one), repeats)
     base = answers()
     n_vis = int((one["input_ids"] == model.config.image_token_id).sum())
-    rows = [("none", "all", f"{n_vis}->{n_vis}", base_ms, 1.0, 1.0, base)]
+    # (method, ratio label, "before->after", LLM FLOPs ratio, answers); the first row is the unpruned model
+    rows: list[tuple[str, str, str, float, list[str]]] = [("none", "all", f"{n_vis}->{n_vis}", 1.0, base)]
+    cases: dict[str, _timing.Case] = {"none": _timing.Case(forward)}
     at_smallest: dict[str, list[str]] = {"none": base}  # column label -> answers, at the smallest ratio
     panels: dict[int, list] = {}  # sample index -> one panel per (method, ratio)
-    bar = _progress(len(methods) * len(ratios), "demo")
+    bar = _progress(len(methods) * len(ratios), "demo answers")
     for method in methods:
         for ratio in ratios:
-            vtprune.prune(model, method=method, keep_ratio=ratio)
-            try:
+            with _pruned(model, method, ratio):
                 with torch.no_grad():
-                    ms = _time_ms(lambda: model(**one), repeats)
+                    forward()
                     rep = vtprune.last_report(model)
                     for k, it in enumerate(items[:pictures]):
                         model(**proc(images=[it.image], text=[build_prompt(name, it.qa.question)],
@@ -106,24 +117,31 @@ def run_demo(out: Path, ratios: list[float], methods: list[str], repeats: int, n
                         imr = vtprune.last_report(model).images[0]
                         panels.setdefault(k, []).append(panel(it.image, imr, f"{method} {imr.n_after}/{imr.n_before}"))
                 got = answers()
-            finally:
-                vtprune.unprune(model)
             im = rep.images[0]
-            rows.append((method, f"{ratio:g}", f"{im.n_before}->{im.n_after}", ms, base_ms / ms, rep.flops_ratio,
-                         got))
+            rows.append((method, f"{ratio:g}", f"{im.n_before}->{im.n_after}", rep.flops_ratio, got))
+            # pruning and unpruning happen around each timed call, outside the timed region
+            cases[f"{method}@{ratio:g}"] = _timing.Case(forward, lambda m=method, r=ratio: _pruned(model, m, r))
             if ratio == min(ratios):
                 at_smallest[f"{method}@{im.n_after}"] = got
             panels[0][-1].save(out / f"kept_{method}_{ratio:g}.png")
             bar.update(1)
     bar.close()
 
-    print(f"{'method':>10} {'ratio':>5} {'visual':>9} {'prefill ms':>10} {'speed-up':>8} {'LLM FLOPs':>9} "
-          f"{'correct':>8} {'same as unpruned':>16}")
-    for method, ratio, vis, ms, sp, fl, got in rows:
+    with torch.no_grad():
+        stats = _timing.measure(cases, repeats=repeats, warmup=warmup, device=device)
+    base_t = stats["none"]
+    print(f"{'method':>10} {'ratio':>5} {'visual':>9} {'prefill ms':>10} {'p10-p90 ms':>11} {'speed-up':>9} "
+          f"{'range':>10} {'LLM FLOPs':>9} {'correct':>8} {'same as unpruned':>16}")
+    for (method, ratio, vis, fl, got), (label, st) in zip(rows, stats.items()):
         ok = sum(g == t for g, t in zip(got, truth))
         same = sum(g == b for g, b in zip(got, base))
-        print(f"{method:>10} {ratio:>5} {vis:>9} {ms:>10.1f} {sp:>7.2f}x {fl:>9.0%} {f'{ok}/{len(truth)}':>8} "
-              f"{f'{same}/{len(base)}':>16}")
+        if label == "none":
+            speed, rng = f"{1.0:.2f}x", ""
+        else:
+            r = _timing.ratio(base_t, st)
+            speed, rng = str(r), f"{r.lo:.2f}-{r.hi:.2f}"
+        print(f"{method:>10} {ratio:>5} {vis:>9} {st.median:>10.1f} {st.spread():>11} {speed:>9} {rng:>10} "
+              f"{fl:>9.0%} {f'{ok}/{len(truth)}':>8} {f'{same}/{len(base)}':>16}")
 
     print(f"\nanswers (unpruned and at keep ratio {min(ratios):g}; * = wrong):")
     print(f"{'question':<34} {'truth':>7} " + " ".join(f"{c:>14}" for c in at_smallest))
@@ -191,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--ratios", default="0.5,0.25,0.11,0.05", help="comma-separated keep ratios of visual tokens")
     d.add_argument("--methods", default="fastervlm,divprune,holov,vflowopt,flowcut,random")
     d.add_argument("--samples", type=int, default=10, help="held-out questions answered per configuration")
-    d.add_argument("--repeats", type=int, default=5)
+    d.add_argument("--repeats", type=int, default=7, help="timed runs per configuration (interleaved rounds)")
+    d.add_argument("--threads", type=int, default=1, help="torch intra-op threads, pinned and reported (1: steadiest "
+                   "on a small or shared CPU, where a descheduled worker thread stalls the whole op)")
     v = sub.add_parser("viz", help="picture of the tokens a method keeps on your image")
     v.add_argument("image", type=Path)
     v.add_argument("--method", default="fastervlm")
@@ -211,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         if m not in vtprune.list_methods():
             p.error(f"unknown method {m!r}; valid choices: {', '.join(vtprune.list_methods())}")
     if a.cmd == "demo":
-        run_demo(a.out, [float(x) for x in a.ratios.split(",")], a.methods.split(","), a.repeats, a.model, a.samples)
+        run_demo(a.out, [float(x) for x in a.ratios.split(",")], a.methods.split(","), a.repeats, a.model, a.samples,
+                 threads=a.threads)
     else:
         run_viz(a.image, a.method, a.keep, a.model, a.out, a.question)
 
