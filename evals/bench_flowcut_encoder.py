@@ -1,6 +1,7 @@
 """What pruning inside the vision tower buys: FlowCut in the ViT vs the same budget selected after the full tower.
 
-For each shape, side by side in one run (timings interleaved, medians): the unpruned prefill forward
+For each shape, side by side in one run (``vtprune._timing``: interleaved rounds after a warm-up, threads pinned,
+median and p10-p90, ratios of medians flagged where the spread does not support them): the unpruned prefill forward
 ``model(**inputs)``, ``flowcut`` at its vision stage (the tower runs on fewer tokens after each FlowCut step), and
 ``random`` at ``pre_llm`` with the same budget (the full tower runs, then tokens are dropped). The LLM sees the same
 number of visual tokens in both pruned runs, so ``flowcut / random`` is the tower time FlowCut saves net of its own
@@ -12,7 +13,7 @@ layers and tiles, as a fraction of the unpruned tower's (device-independent). Ra
 depends on the entropy of the attention, which random weights make high (near uniform), so random towers cut
 late; the trained demo tower shows a real attention pattern.
 
-    python evals/bench_flowcut_encoder.py [--repeats 15] [--out evals/results/flowcut_encoder_cpu.json]
+    python evals/bench_flowcut_encoder.py [--repeats 15] [--threads 1] [--out evals/results/flowcut_encoder_cpu.json]
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,9 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vtprune  # noqa: E402
+from vtprune import _timing  # noqa: E402
 from vtprune import synth as S  # noqa: E402
-from vtprune.cli import _time_ms as _time  # noqa: E402
-from vtprune.cli import header  # noqa: E402
 from vtprune.demo_models import build_prompt, demo_model  # noqa: E402
 from vtprune.testing import tiny_image, tiny_internvl, tiny_llava  # noqa: E402
 
@@ -93,22 +92,22 @@ def run(repeats: int, shapes: list[str]) -> list[dict]:
         n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
         keep = max(1, round(ratio * n_vis))
         tiles = int(inputs["pixel_values"].shape[0])
-        times: dict[str, list[float]] = {"none": [], "flowcut": [], "random": []}
-        stages = {}
         forward = functools.partial(model, **inputs)
+        stages = {}
         with torch.no_grad():
-            for _ in range(repeats):  # interleaved, so drift on a shared machine hits every variant alike
-                times["none"].append(_time(forward, 1))
-                for method in ("flowcut", "random"):
-                    vtprune.prune(model, method=method, keep=keep)  # random: pre_llm, its only stage
-                    try:
-                        times[method].append(_time(forward, 1))
-                        rep = vtprune.last_report(model)
-                    finally:
-                        vtprune.unprune(model)
-                    stages[method] = rep.stage
-                    assert rep.images[0].n_after == keep, (method, rep.images[0].n_after, keep)
-        t = {m: statistics.median(v) for m, v in times.items()}
+            for method in ("flowcut", "random"):  # untimed check: each ran at its stage and kept exactly the budget
+                with _timing.pruned(model, method=method, keep=keep):  # random: pre_llm, its only stage
+                    forward()
+                    rep = vtprune.last_report(model)
+                stages[method] = rep.stage
+                assert rep.images[0].n_after == keep, (method, rep.images[0].n_after, keep)
+            cases: dict[str, _timing.Case] = {"none": _timing.Case(forward)}
+            for method in ("flowcut", "random"):  # pruned around each call, outside the timed region
+                ctx = functools.partial(_timing.pruned, model, method=method, keep=keep)
+                cases[method] = _timing.Case(forward, ctx)
+            st = _timing.measure(cases, repeats=repeats, warmup=1)
+        fc_vs_rnd = _timing.ratio(st["flowcut"], st["random"])
+        sp_fc, sp_rnd = _timing.ratio(st["none"], st["flowcut"]), _timing.ratio(st["none"], st["random"])
         full_work = tower_tokens(model, inputs)
         vtprune.prune(model, method="flowcut", keep=keep)
         try:
@@ -119,20 +118,24 @@ def run(repeats: int, shapes: list[str]) -> list[dict]:
         row = dict(shape=name, family=family, tiles=tiles, visual_tokens=n_vis, keep=keep,
                    vision=f"h{vc.hidden_size} x {vc.num_hidden_layers} layers, {px} px tiles",
                    llm=f"h{tc.hidden_size} x {tc.num_hidden_layers} layers",
-                   unpruned_ms=t["none"], flowcut_ms=t["flowcut"], random_pre_llm_ms=t["random"],
+                   unpruned_ms=st["none"].median, flowcut_ms=st["flowcut"].median,
+                   random_pre_llm_ms=st["random"].median,
+                   timing={k: v.to_dict() for k, v in st.items()},
                    flowcut_stage=stages["flowcut"], flowcut_tower_tokens=round(fc_work, 3),
-                   flowcut_vs_random=t["flowcut"] / t["random"],
-                   speedup_flowcut=t["none"] / t["flowcut"], speedup_random=t["none"] / t["random"])
+                   flowcut_vs_random=fc_vs_rnd.value, speedup_flowcut=sp_fc.value, speedup_random=sp_rnd.value,
+                   ratios={"flowcut_vs_random": fc_vs_rnd.to_dict(), "speedup_flowcut": sp_fc.to_dict(),
+                           "speedup_random": sp_rnd.to_dict()})
         rows.append(row)
-        print(f"{name:>15} {tiles:>5} {n_vis:>6} {keep:>5} {t['none']:>11.1f} {t['flowcut']:>11.1f} "
-              f"{t['random']:>10.1f} {row['flowcut_vs_random']:>9.2f}x {row['speedup_flowcut']:>8.2f}x "
-              f"{row['speedup_random']:>8.2f}x {fc_work:>9.2f}  ({stages['flowcut']})", flush=True)
+        cells = " ".join(f"{st[m].median:>7.1f} {st[m].spread():>13}" for m in ("none", "flowcut", "random"))
+        print(f"{name:>15} {tiles:>5} {n_vis:>6} {keep:>5} {cells} {fc_vs_rnd!s:>10} {sp_fc!s:>10} {sp_rnd!s:>10} "
+              f"{fc_work:>9.2f}  ({stages['flowcut']})", flush=True)
     return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=15, help="timed runs per variant (interleaved rounds)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads, pinned and reported")
     ap.add_argument("--shapes", default=",".join(DEFAULT), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--out", type=Path, default=Path("evals/results/flowcut_encoder_cpu.json"))
     a = ap.parse_args(argv)
@@ -140,11 +143,14 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [s for s in shapes if s not in SHAPES]
     if bad:
         raise SystemExit(f"unknown shape(s) {bad}; valid: {', '.join(SHAPES)}")
-    env = header() + " | batch 1, prefill forward"
-    print(env)
-    print(f"{'shape':>15} {'tiles':>5} {'visual':>6} {'keep':>5} {'unpruned ms':>11} {'flowcut ms':>11} "
-          f"{'random ms':>10} {'fc/random':>10} {'fc speedup':>9} {'rnd speedup':>9} {'fc tower':>9}")
-    res = {"env": env, "rows": run(a.repeats, shapes)}
+    _timing.pin_threads(a.threads)
+    env = _timing.environment()
+    print(_timing.environment_line(env) + " | batch 1, prefill forward")
+    print(_timing.method_line(a.repeats, 1))
+    print(f"{'shape':>15} {'tiles':>5} {'visual':>6} {'keep':>5} " + " ".join(
+        f"{c + ' ms':>7} {'p10-p90':>13}" for c in ("none", "flowcut", "random")) +
+        f" {'fc/random':>10} {'fc speedup':>10} {'rnd speedup':>10} {'fc tower':>9}")
+    res = {"env": env, "timing": _timing.method_line(a.repeats, 1), "rows": run(a.repeats, shapes)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

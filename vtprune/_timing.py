@@ -137,6 +137,20 @@ class Case:
     context: Callable[[], AbstractContextManager[object]] = field(default=contextlib.nullcontext)
 
 
+@contextlib.contextmanager
+def pruned(model: torch.nn.Module, **prune_kwargs: object) -> Iterator[torch.nn.Module]:
+    """``model`` pruned by ``vtprune.prune(model, **prune_kwargs)`` inside the block and unpruned after (also on
+    error): the per-call context of a pruned :class:`Case`, so that the interleaved rounds can alternate pruned and
+    unpruned variants of one model without timing ``prune`` / ``unprune`` themselves."""
+    from .api import prune, unprune
+
+    prune(model, **prune_kwargs)
+    try:
+        yield model
+    finally:
+        unprune(model)
+
+
 def wall_timer(fn: Callable[[], object]) -> float:
     """Milliseconds of one call by the wall clock (CPU work)."""
     t0 = time.perf_counter()

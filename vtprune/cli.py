@@ -11,9 +11,7 @@ viz: the same picture (and answer) for a user's image, model and method.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,18 +32,6 @@ def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, leave=False, disable=total < 2)
-
-
-@contextlib.contextmanager
-def _pruned(model: torch.nn.Module, method: str, ratio: float) -> Iterator[None]:
-    """``model`` pruned by ``method`` at ``keep_ratio=ratio`` inside the block, unpruned after (also on error)."""
-    import vtprune
-
-    vtprune.prune(model, method=method, keep_ratio=ratio)
-    try:
-        yield
-    finally:
-        vtprune.unprune(model)
 
 
 def run_demo(out: Path, ratios: list[float], methods: list[str], repeats: int, name: str = "llava",
@@ -107,7 +93,7 @@ def _run_demo(out: Path, ratios: list[float], methods: list[str], repeats: int, 
     bar = _progress(len(methods) * len(ratios), "demo answers")
     for method in methods:
         for ratio in ratios:
-            with _pruned(model, method, ratio):
+            with _timing.pruned(model, method=method, keep_ratio=ratio):
                 with torch.no_grad():
                     forward()
                     rep = vtprune.last_report(model)
@@ -120,7 +106,8 @@ def _run_demo(out: Path, ratios: list[float], methods: list[str], repeats: int, 
             im = rep.images[0]
             rows.append((method, f"{ratio:g}", f"{im.n_before}->{im.n_after}", rep.flops_ratio, got))
             # pruning and unpruning happen around each timed call, outside the timed region
-            cases[f"{method}@{ratio:g}"] = _timing.Case(forward, lambda m=method, r=ratio: _pruned(model, m, r))
+            cases[f"{method}@{ratio:g}"] = _timing.Case(
+                forward, lambda m=method, r=ratio: _timing.pruned(model, method=m, keep_ratio=r))
             if ratio == min(ratios):
                 at_smallest[f"{method}@{im.n_after}"] = got
             panels[0][-1].save(out / f"kept_{method}_{ratio:g}.png")
