@@ -1,8 +1,11 @@
 """DivPrune selection time: vtprune's vectorised greedy against a plain per-step greedy loop.
 
-    python evals/bench_divprune.py [--device cpu|cuda] [--repeats 5] [--out evals/results/divprune_<device>.json]
+    python evals/bench_divprune.py [--device cpu|cuda] [--repeats 5] [--threads 1] [--quick]
+                                   [--out evals/results/divprune_<device>.json]
 
-Both sides are timed in the same run, interleaved repeat by repeat (so drift hits both), warmup first, median:
+Both sides are timed by ``vtprune._timing`` in the same run: interleaved rounds (so drift hits both), a warm-up
+round first, threads pinned, median and p10-p90 per side, speed-ups as ratios of medians flagged ('~' / '?') where
+the spread does not support them:
 
 * ``vectorised``  ``vtprune.selectors.divprune.divprune_select``: distance matrix from the upper-triangle blocks
   only, nearest-neighbour minima fused into that pass, then ``keep`` steps of a running-min update with one
@@ -15,19 +18,17 @@ Columns ``end-to-end`` include the ``O(N^2 D)`` distance matrix (what a user pay
 the selection on an already computed ``[N, N]`` distance matrix (nearest-neighbour pass + ``keep`` steps), which is
 where the two algorithms differ. Every case also checks that both return the same indices.
 
-On CUDA every timed call is bracketed by ``torch.cuda.synchronize()``. Features are fp32 ``N(0, 1)``, seeded.
+On CUDA each timed call is measured with CUDA events after a synchronise. Features are fp32 ``N(0, 1)``, seeded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
-import os
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from vtprune import _timing  # noqa: E402
 from vtprune.selectors.divprune import (  # noqa: E402
     cosine_distance,
     divprune_reference_loop,
@@ -48,110 +50,76 @@ from vtprune.selectors.divprune import (  # noqa: E402
 CASES = [(576, 4096, 64), (2880, 4096, 64), (2880, 4096, 320)]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+@contextlib.contextmanager
+def fresh_copy(src: torch.Tensor, holder: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Puts a new copy of ``src`` in ``holder["x"]`` before each call, outside the timing: both greedy functions
+    write the distance matrix's diagonal in place, so no call may see another's leftovers."""
+    holder["x"] = src.clone()
+    yield
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({os.cpu_count()} logical CPUs)"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds for one call, synchronised on CUDA."""
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return (time.perf_counter() - t0) * 1e3
-
-
-def side_by_side(
-    a: Callable[[], object], b: Callable[[], object], device: torch.device, repeats: int
-) -> tuple[float, float]:
-    """Median ms of ``a`` and ``b``, one warmup each, then alternating so that drift affects both alike."""
-    timed(a, device)
-    timed(b, device)
-    ta, tb = [], []
-    for _ in range(repeats):
-        ta.append(timed(a, device))
-        tb.append(timed(b, device))
-    return statistics.median(ta), statistics.median(tb)
-
-
-def run_case(n: int, d: int, keep: int, device: torch.device, repeats: int) -> dict:
+def run_case(n: int, d: int, keep: int, device: torch.device, repeats: int) -> tuple[dict, str]:
+    """The JSON row of one case and its table line."""
     gen = torch.Generator().manual_seed(n * 1000 + keep)
     x = torch.randn(n, d, generator=gen).to(device)
     fast = divprune_select(x[None], keep)[0]
     slow = divprune_reference_loop(x, keep)
     same = bool(torch.equal(fast, slow))
 
-    # The plain loop at N=2880 costs about as much as the matrix; fewer repeats keep the run short.
-    e2e_vec, e2e_loop = side_by_side(
-        lambda: divprune_select(x[None], keep), lambda: divprune_reference_loop(x, keep), device, repeats
-    )
-
     dist = cosine_distance(x[None])
-    # Both greedy functions write the diagonal in place: every call gets its own copy, made outside the timing.
-    vec_in = iter([dist.clone() for _ in range(repeats + 1)])
-    loop_in = iter([dist[0].clone() for _ in range(repeats + 1)])
-    g_vec, g_loop = side_by_side(
-        lambda: greedy_maxmin(next(vec_in), keep), lambda: reference_greedy_loop(next(loop_in), keep), device, repeats
-    )
-    return {
+    vec_in: dict[str, torch.Tensor] = {}
+    loop_in: dict[str, torch.Tensor] = {}
+    st = _timing.measure({
+        "vectorised": lambda: divprune_select(x[None], keep),
+        "loop": lambda: divprune_reference_loop(x, keep),
+        "greedy_vectorised": _timing.Case(lambda: greedy_maxmin(vec_in["x"], keep),
+                                          functools.partial(fresh_copy, dist, vec_in)),
+        "greedy_loop": _timing.Case(lambda: reference_greedy_loop(loop_in["x"], keep),
+                                    functools.partial(fresh_copy, dist[0], loop_in)),
+    }, repeats=repeats, warmup=1, device=device)
+    e2e, greedy = _timing.ratio(st["loop"], st["vectorised"]), _timing.ratio(st["greedy_loop"], st["greedy_vectorised"])
+    e2e_vec, g_vec = st["vectorised"].median, st["greedy_vectorised"].median
+    row = {
         "N": n, "D": d, "keep": keep,
-        "vectorised_ms": round(e2e_vec, 3), "loop_ms": round(e2e_loop, 3), "speedup": round(e2e_loop / e2e_vec, 2),
-        "greedy_vectorised_ms": round(g_vec, 3), "greedy_loop_ms": round(g_loop, 3),
-        "greedy_speedup": round(g_loop / g_vec, 2),
+        "vectorised_ms": round(e2e_vec, 3), "loop_ms": round(st["loop"].median, 3), "speedup": round(e2e.value, 2),
+        "greedy_vectorised_ms": round(g_vec, 3), "greedy_loop_ms": round(st["greedy_loop"].median, 3),
+        "greedy_speedup": round(greedy.value, 2),
         "matrix_share_of_vectorised": round(max(e2e_vec - g_vec, 0.0) / e2e_vec, 3),
         "same_indices": same,
+        "timing": {k: v.to_dict() for k, v in st.items()},
+        "ratios": {"speedup": e2e.to_dict(), "greedy_speedup": greedy.to_dict()},
     }
+    line = (f"{n:>5} {d:>5} {keep:>4} | {e2e_vec:>13.2f} {st['vectorised'].spread():>13} {st['loop'].median:>9.2f} "
+            f"{st['loop'].spread():>13} {e2e!s:>8} | {g_vec:>13.3f} {st['greedy_vectorised'].spread():>13} "
+            f"{st['greedy_loop'].median:>14.3f} {st['greedy_loop'].spread():>13} {greedy!s:>8} | {same}")
+    return row, line
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (interleaved rounds)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, pinned and reported")
+    parser.add_argument("--quick", action="store_true", help=f"only the first case {CASES[0]}")
     parser.add_argument("--out", default=None, help="JSON path (default evals/results/divprune_<device>.json)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     out = Path(args.out or REPO / "evals" / "results" / f"divprune_{device.type}.json")
-
-    meta = {
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "dtype": "float32",
-        "repeats": args.repeats,
-        "python": platform.python_version(),
-    }
-    print(f"DivPrune selection: vectorised vs plain per-step loop on {meta['device']}")
-    print(f"torch {meta['torch']}, {meta['threads']} threads, dtype {meta['dtype']}, median of {args.repeats} "
-          f"after 1 warmup, interleaved")
-    head = (f"{'N':>5} {'D':>5} {'keep':>4} | {'vectorised ms':>13} {'loop ms':>9} {'speedup':>7} | "
-            f"{'greedy vec ms':>13} {'greedy loop ms':>14} {'speedup':>7} | same")
+    _timing.pin_threads(args.threads)
+    meta = {**_timing.environment(device), "repeats": args.repeats, "timing": _timing.method_line(args.repeats, 1)}
+    print("DivPrune selection: vectorised vs plain per-step loop")
+    print(_timing.environment_line(_timing.environment(device)))
+    print(_timing.method_line(args.repeats, 1))
+    head = (f"{'N':>5} {'D':>5} {'keep':>4} | {'vectorised ms':>13} {'p10-p90':>13} {'loop ms':>9} {'p10-p90':>13} "
+            f"{'speedup':>8} | {'greedy vec ms':>13} {'p10-p90':>13} {'greedy loop ms':>14} {'p10-p90':>13} "
+            f"{'speedup':>8} | same")
     print(head)
     print("-" * len(head))
     rows = []
-    for n, d, keep in CASES:
-        r = run_case(n, d, keep, device, args.repeats)
-        rows.append(r)
-        print(f"{n:>5} {d:>5} {keep:>4} | {r['vectorised_ms']:>13.2f} {r['loop_ms']:>9.2f} {r['speedup']:>6.2f}x | "
-              f"{r['greedy_vectorised_ms']:>13.3f} {r['greedy_loop_ms']:>14.3f} {r['greedy_speedup']:>6.2f}x | "
-              f"{r['same_indices']}")
+    for n, d, keep in CASES[:1] if args.quick else CASES:
+        row, line = run_case(n, d, keep, device, args.repeats)
+        rows.append(row)
+        print(line, flush=True)
     shares = ", ".join(f"{r['matrix_share_of_vectorised']:.0%}" for r in rows)
     print(f"note: the O(N^2 D) distance matrix, which both sides must compute, is {shares} of the vectorised "
           f"end-to-end time, so end-to-end speedup is bounded by it; 'greedy' columns time the selection alone.")
@@ -160,6 +128,7 @@ def main() -> None:
     print(f"wrote {out}")
     if not all(r["same_indices"] for r in rows):
         sys.exit("vectorised and loop picks differ")
+    return rows
 
 
 if __name__ == "__main__":

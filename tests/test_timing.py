@@ -31,7 +31,9 @@ def test_stats_median_and_spread():
     s = T.Stats((10.0, 12.0, 11.0, 30.0, 9.0))  # one outlier from a load burst
     assert s.n == 5 and s.median == 11.0
     assert s.p10 == pytest.approx(9.4) and s.p90 == pytest.approx(22.8)
-    assert s.spread() == "9.4-22.8"
+    assert s.spread() == "9.40-22.80"
+    assert T.Stats((10.0, 12.0, 11.0)).spread() == "10.2-11.8"
+    assert T.Stats((0.1, 0.12, 0.11)).spread() == "0.102-0.118"
     assert s.to_dict() == {"median_ms": 11.0, "p10_ms": pytest.approx(9.4), "p90_ms": pytest.approx(22.8),
                            "runs": 5}
 

@@ -88,8 +88,9 @@ class Stats:
         return quantile(self.times_ms, 0.9)
 
     def spread(self) -> str:
-        """``"p10-p90"`` in ms, for tables."""
-        return f"{self.p10:.1f}-{self.p90:.1f}"
+        """``"p10-p90"`` in ms for tables, with enough decimals that a sub-millisecond spread stays readable."""
+        digits = 1 if self.p10 >= 10 else 2 if self.p10 >= 1 else 3
+        return f"{self.p10:.{digits}f}-{self.p90:.{digits}f}"
 
     def to_dict(self) -> dict[str, float | int]:
         return {"median_ms": self.median, "p10_ms": self.p10, "p90_ms": self.p90, "runs": self.n}
