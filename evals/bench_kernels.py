@@ -14,24 +14,24 @@ For every case it reports GB/s (bytes read + bytes written; index bytes included
 
 and, from the same run, ``triton / copy`` (% of copy bandwidth) and ``index_select time / triton time`` (speedup).
 
-On CUDA: CUDA events around each call, L2 flushed (256 MiB write) before every timed call so that numbers are DRAM
-bandwidth, warmup, median of the repeats. On CPU: ``time.perf_counter``, small repeat counts, and the Triton columns
-are skipped unless ``TRITON_INTERPRET=1`` (the interpreter: correctness only, its timings mean nothing); KV cases
-use B=1 only on CPU to stay under a minute.
+Timing by ``vtprune._timing``: the columns of one case run in interleaved rounds after warm-up rounds, threads
+pinned, GB/s from the median, ``spread`` = the widest p10-p90 of the row's columns as % of its median, ratios of
+medians flagged ('~' / '?') where the spread does not support them. On CUDA: CUDA events after a synchronise, L2
+flushed (256 MiB write) before every call, untimed, so that numbers are DRAM bandwidth. On CPU: ``time.perf_counter``,
+small repeat counts, and the Triton columns are skipped unless ``TRITON_INTERPRET=1`` (the interpreter: correctness
+only, its timings mean nothing); KV cases use B=1 only on CPU to stay under a minute.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
-import platform
 import re
-import statistics
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from vtprune import _timing  # noqa: E402
 from vtprune.kernels import reference  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -79,26 +80,16 @@ class Timer:
             # Bigger than H100/H200 L2 (50 MiB): every timed call reads its inputs from DRAM, as in a real forward.
             self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device=self.device)
 
-    def __call__(self, fn: Callable[[], object]) -> float:
-        """Median milliseconds of ``fn()``."""
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        if self.device.type == "cuda":
-            for _ in range(self.repeats):
-                self.flush.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+    @contextlib.contextmanager
+    def _flushed(self) -> Iterator[None]:
+        if self.flush is not None:
+            self.flush.zero_()  # queued before the timer's synchronise, so it is not timed
+        yield
+
+    def __call__(self, fns: dict[str, Callable[[], object]]) -> dict[str, _timing.Stats]:
+        """Stats of every ``fn``, interleaved (one round runs each once), L2 flushed before each call on CUDA."""
+        cases = {name: _timing.Case(fn, self._flushed) for name, fn in fns.items()}
+        return _timing.measure(cases, repeats=self.repeats, warmup=self.warmup, device=self.device)
 
 
 def gather_cases(quick: bool) -> list[GatherCase]:
@@ -129,12 +120,6 @@ def device_slug(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} thread(s))"
 
 
 def triton_version() -> str | None:
@@ -169,14 +154,15 @@ def bench_gather(
     fns["index_select"] = lambda: rows.index_select(0, flat_index)
     fns["adv_index"] = lambda: x[bidx, index]
     fns["copy"] = lambda: dst.copy_(src)
-    res = {name: timer(fn) for name, fn in fns.items()}
+    st = timer(fns)
     copy_bytes = 2 * out_elems * x.element_size()
 
     exact = None
     if tg is not None:
         exact = torch.equal(tg.gather_tokens(x, index), reference.gather_tokens(x, index))
-    methods = {name: {"ms": ms, "GBps": gbps(copy_bytes if name == "copy" else nbytes, ms)} for name, ms in res.items()}
-    return {"kind": "gather", **vars(case), "bytes": nbytes, "methods": methods, "exact": exact}
+    row = {"kind": "gather", **vars(case), "bytes": nbytes, "exact": exact}
+    add_timings(row, st, {name: copy_bytes if name == "copy" else nbytes for name in st})
+    return row
 
 
 def bench_kv(case: KVCase, dtype: torch.dtype, device: torch.device, timer: Timer, tg: ModuleType | None) -> dict:
@@ -199,28 +185,32 @@ def bench_kv(case: KVCase, dtype: torch.dtype, device: torch.device, timer: Time
     if B == 1:
         fns["index_select"] = lambda: [c.index_select(2, index[0]) for c in caches]
     fns["copy"] = lambda: copy_dst.copy_(copy_src)
-    res = {name: timer(fn) for name, fn in fns.items()}
+    st = timer(fns)
 
     exact = None
     if tg is not None:
         exact = torch.equal(tg.compact_kv_stacked(caches, index), reference.compact_kv_stacked(caches, index))
-    methods = {
-        name: {"ms": ms, "GBps": gbps(2 * out_elems * elem if name == "copy" else nbytes, ms)}
-        for name, ms in res.items()
-    }
-    return {"kind": "kv", **vars(case), "tensors": n_tensors, "bytes": nbytes, "methods": methods, "exact": exact}
+    row = {"kind": "kv", **vars(case), "tensors": n_tensors, "bytes": nbytes, "exact": exact}
+    add_timings(row, st, {name: 2 * out_elems * elem if name == "copy" else nbytes for name in st})
+    return row
 
 
-def add_ratios(row: dict) -> None:
-    m = row["methods"]
-    ratios = {}
-    if "triton" in m:
-        ratios["triton_pct_of_copy"] = 100 * m["triton"]["GBps"] / m["copy"]["GBps"]
-        if "index_select" in m:
-            ratios["speedup_vs_index_select"] = m["index_select"]["ms"] / m["triton"]["ms"]
-        ratios["speedup_vs_reference"] = m["reference"]["ms"] / m["triton"]["ms"]
-        if "triton_loop" in m:
-            ratios["speedup_vs_triton_loop"] = m["triton_loop"]["ms"] / m["triton"]["ms"]
+def add_timings(row: dict, st: dict[str, _timing.Stats], nbytes: dict[str, int]) -> None:
+    """``row["methods"]``: median ms, p10/p90 and GB/s (of the median) per column; ``row["spread_pct"]``: the widest
+    p10-p90 as % of its median; ``row["ratios"]``: ratios of medians from this run, each with its flag."""
+    row["methods"] = {name: {"ms": s.median, "p10_ms": s.p10, "p90_ms": s.p90, "GBps": gbps(nbytes[name], s.median)}
+                      for name, s in st.items()}
+    row["spread_pct"] = max(100 * (s.p90 - s.p10) / s.median for s in st.values())
+    ratios: dict[str, float | str] = {}
+    if "triton" in st:
+        # % of copy bandwidth = (triton bytes / copy bytes) x (copy time / triton time): the flag is the time ratio's
+        vs_copy = _timing.ratio(st["copy"], st["triton"])
+        ratios["triton_pct_of_copy"] = 100 * nbytes["triton"] / nbytes["copy"] * vs_copy.value
+        ratios["triton_pct_of_copy_flag"] = vs_copy.flag
+        for other in ("index_select", "reference", "triton_loop"):
+            if other in st:
+                r = _timing.ratio(st[other], st["triton"])
+                ratios[f"speedup_vs_{other}"], ratios[f"speedup_vs_{other}_flag"] = r.value, r.flag
     row["ratios"] = ratios
 
 
@@ -237,10 +227,12 @@ def format_row(row: dict) -> str:
         m = row["methods"].get(col)
         cells.append(f"{m['GBps']:8.1f}" if m else f"{'-':>8}")
     r = row["ratios"]
-    pct = f"{r['triton_pct_of_copy']:6.1f}%" if "triton_pct_of_copy" in r else f"{'-':>7}"
-    spd = f"{r['speedup_vs_index_select']:6.2f}x" if "speedup_vs_index_select" in r else f"{'-':>7}"
+    pct = f"{r['triton_pct_of_copy']:.1f}%{r['triton_pct_of_copy_flag']}" if "triton_pct_of_copy" in r else "-"
+    spd = (f"{r['speedup_vs_index_select']:.2f}x{r['speedup_vs_index_select_flag']}"
+           if "speedup_vs_index_select" in r else "-")
     exact = {None: "-", True: "yes", False: "NO"}[row["exact"]]
-    return f"{row['kind']:6} {row['model']:14} {row['dtype']:5} {shape:36} " + " ".join(cells) + f" {pct} {spd} {exact}"
+    return (f"{row['kind']:6} {row['model']:14} {row['dtype']:5} {shape:36} " + " ".join(cells) +
+            f" {row['spread_pct']:5.0f}% {pct:>8} {spd:>8} {exact}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,28 +264,27 @@ def main(argv: list[str] | None = None) -> int:
     if on_gpu:
         timer = Timer(device, warmup=5 if args.quick else 10, repeats=20 if args.quick else 50)
         kv_batches: tuple[int, ...] = (1, 8)
-        timing = "CUDA events, L2 flushed before each call, median"
+        timing = "CUDA events, L2 flushed before each call"
     else:
         timer = Timer(device, warmup=1, repeats=3 if args.quick else 5)
         kv_batches = (1,)
-        timing = "time.perf_counter, median"
-        # One thread by default: on a small shared CPU box a multi-threaded op whose worker gets descheduled costs a
-        # scheduler quantum (~8 ms), which swamps everything measured here.
-        torch.set_num_threads(args.threads)
+        timing = "time.perf_counter"
         notes.append(
             f"CPU: {args.threads} intra-op thread(s); KV cases at B=1 only; gathers include allocating the "
             "output (page faults on CPU), copy writes a preallocated buffer"
         )
 
+    # One thread by default: on a small shared CPU box a multi-threaded op whose worker gets descheduled costs a
+    # scheduler quantum (~8 ms), which swamps everything measured here (pinned on CUDA too, to report it).
+    _timing.pin_threads(args.threads)
     torch.manual_seed(0)
+    env = _timing.environment(device, ",".join(dtype_names))
     header = {
-        "device": device_name(device),
+        **env,
         "device_slug": device_slug(device),
-        "torch": torch.__version__,
         "triton": triton_version(),
-        "python": platform.python_version(),
         "dtypes": dtype_names,
-        "timing": timing,
+        "timing": f"{timing}; {_timing.method_line(timer.repeats, timer.warmup)}",
         "warmup": timer.warmup,
         "repeats": timer.repeats,
         "quick": args.quick,
@@ -301,13 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes,
     }
     print("vtprune kernel benchmark")
-    for key in ("device", "torch", "triton", "python", "dtypes", "timing", "repeats"):
-        print(f"  {key:8}: {header[key]}")
+    print(_timing.environment_line(env) + f" | triton {header['triton']}")
+    print(f"{timing}; {_timing.method_line(timer.repeats, timer.warmup)}")
     for note in notes:
         print(f"  note    : {note}")
     print()
     title = f"{'kind':6} {'model':14} {'dtype':5} {'shape':36} " + " ".join(f"{c[:8]:>8}" for c in COLUMNS)
-    print(title + f" {'tri/cpy':>7} {'vs_isel':>7} exact")
+    print(title + f" {'spread':>6} {'tri/cpy':>8} {'vs_isel':>8} exact")
     print(f"{'':63}{'(GB/s)':^53}")
 
     rows = []
@@ -318,7 +309,6 @@ def main(argv: list[str] | None = None) -> int:
         for bench, case in jobs:
             row = bench(case, dtype, device, timer, tg)
             row["dtype"] = dtype_name
-            add_ratios(row)
             rows.append(row)
             print(format_row(row), flush=True)
             if on_gpu:
