@@ -156,3 +156,22 @@ def test_pin_threads_and_environment_report_them():
         assert n == 1 == torch.get_num_threads()
     assert torch.get_num_threads() == before
     assert "p10" in T.method_line(5, 1) and "'~'" in T.method_line(5, 1)
+
+
+def test_pruned_case_context_prunes_inside_and_unprunes_after_even_on_error():
+    import vtprune
+    from vtprune.testing import tiny_llava
+
+    model, _ = tiny_llava("llava")
+    with T.pruned(model, method="random", keep=4) as m:
+        assert m is model and vtprune.is_pruned(model)
+    assert not vtprune.is_pruned(model)
+    with pytest.raises(RuntimeError, match="boom"), T.pruned(model, method="random", keep=4):
+        raise RuntimeError("boom")
+    assert not vtprune.is_pruned(model)
+    # used as a Case context: pruned around every call, warm-up and timed
+    seen: list[bool] = []
+    T.measure({"p": T.Case(lambda: seen.append(vtprune.is_pruned(model)),
+                           lambda: T.pruned(model, method="random", keep=4))},
+              repeats=2, warmup=1, timer=lambda fn: (fn(), 1.0)[1])
+    assert seen == [True, True, True] and not vtprune.is_pruned(model)
