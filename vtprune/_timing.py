@@ -238,7 +238,8 @@ def _cpu_name() -> str:
 
 
 def environment(device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32) -> dict[str, str]:
-    """What a timing depends on, to print beside it: device, python/torch/transformers versions, dtype, threads."""
+    """What a timing depends on, to print beside it: device, python/torch/transformers versions, dtype, threads
+    and (where the OS reports it) the 1-minute load average when it is called."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
@@ -250,8 +251,11 @@ def environment(device: torch.device | str | None = None, dtype: torch.dtype | s
         tf = transformers.__version__
     except ImportError:  # kernel benchmarks need no transformers
         tf = "not installed"
-    return {"device": name, "python": platform.python_version(), "torch": torch.__version__, "transformers": tf,
-            "dtype": str(dtype).removeprefix("torch."), "threads": str(torch.get_num_threads())}
+    env = {"device": name, "python": platform.python_version(), "torch": torch.__version__, "transformers": tf,
+           "dtype": str(dtype).removeprefix("torch."), "threads": str(torch.get_num_threads())}
+    if hasattr(os, "getloadavg"):  # other jobs on the machine: what the spread flags are about
+        env["load avg 1 min"] = f"{os.getloadavg()[0]:.1f}"
+    return env
 
 
 def environment_line(env: Mapping[str, str]) -> str:

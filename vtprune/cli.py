@@ -130,6 +130,8 @@ def _run_demo(out: Path, ratios: list[float], methods: list[str], repeats: int, 
         print(f"{method:>10} {ratio:>5} {vis:>9} {st.median:>10.1f} {st.spread():>11} {speed:>9} {rng:>10} "
               f"{fl:>9.0%} {f'{ok}/{len(truth)}':>8} {f'{same}/{len(base)}':>16}")
 
+    print("speed-up = median(none) / median(row), from the same interleaved run; range = [p10(none)/p90(row), "
+          "p90(none)/p10(row)]; '~' / '?' as above")
     print(f"\nanswers (unpruned and at keep ratio {min(ratios):g}; * = wrong):")
     print(f"{'question':<34} {'truth':>7} " + " ".join(f"{c:>14}" for c in at_smallest))
     for i, it in enumerate(items):
