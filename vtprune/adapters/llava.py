@@ -149,23 +149,48 @@ class LlavaAdapter(Adapter):
 
 
 class LlavaNextAdapter(LlavaAdapter):
-    provides = ("cls_attention", "cls_logits", "vflow_importance", "grid", "crop_ids", "coords")
+    provides = ("cls_attention", "cls_logits", "vflow_importance", "grid", "crop_ids", "coords", "subimage_rank",
+                "crop_grid")
     encode_vision = Adapter.encode_vision  # AnyRes packing after in-encoder pruning is not supported yet
     vision_stage = False
 
     def encode(self, kwargs: dict[str, Any], needs: set[str]) -> list[ImageTokens]:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        """Packed tokens of every image (base, then the unpadded crop map with a newline after every row) and the
+        signals ``needs`` asks for, all per packed token:
+
+        * ``cls_attention`` / ``cls_logits`` / ``vflow_importance``: each sub-image's own ViT row, mapped through the
+          model's packing (newline tokens 0).
+        * ``subimage_rank``: rank (0 = highest, ties to the lower patch index) of the token's ``cls_attention`` among
+          *all* patches of its sub-image as the ViT saw it, i.e. before unpadding removed any: a selector keeping
+          "top T per sub-image, then unpad" keeps rank < T. Newline tokens get the sub-image size (never < T).
+        * ``crop_ids`` (0 = base image, 1 + r·cols + c = crop at grid cell (r, c), the processor's raster order),
+          ``crop_grid`` (the image's crop grid (rows, cols) on every token) and ``coords`` (patch centres in the
+          whole image, unpadded geometry): always cheap, built from the layout.
+        """
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+        )
 
         image_sizes = kwargs.get("image_sizes")
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes (from the processor) alongside pixel_values")
-        out, rows_by_signal, args = self._run_tower(kwargs, needs, {"image_sizes": image_sizes})
+        # the rank is computed from the [CLS] row, so asking for it captures the row too
+        tower_needs = needs | ({"cls_attention"} if "subimage_rank" in needs else set())
+        out, rows_by_signal, args = self._run_tower(kwargs, tower_needs, {"image_sizes": image_sizes})
         feats = list(out.pooler_output)
         cfg = self.model.config
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         per_sub = side * side + (1 if args["vision_feature_select_strategy"] == "full" else 0)
         n_sub = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
                                            patch_size=cfg.vision_config.image_size) for s in image_sizes]
+        rank_rows = None
+        if "subimage_rank" in needs:
+            row = rows_by_signal["cls_attention"].float()  # [sub-images, per_sub]
+            row = row.masked_fill(torch.isnan(row), float("-inf"))  # no score never outranks a score
+            order = torch.sort(row, dim=1, descending=True, stable=True).indices  # stable: ties to the lower patch
+            rank_rows = torch.empty_like(order).scatter_(1, order, torch.arange(row.shape[1], device=row.device)
+                                                         .expand_as(order))
         # run the model's own packing on source indices; the newline marker is -1
         dev = feats[0].device
         index_feats = [torch.arange(k * per_sub, device=dev, dtype=torch.float32).view(k, per_sub, 1) for k in n_sub]
@@ -185,10 +210,19 @@ class LlavaNextAdapter(LlavaAdapter):
                 grid = (side, side)
             im = ImageTokens(features=f, newline=newline, grid=grid)
             for name, rows in rows_by_signal.items():
+                if name not in needs:
+                    continue
                 flat = rows[start:start + n_sub[i]].flatten()
                 im.signals[name] = torch.where(newline, 0.0, flat[src.clamp(min=0)])
                 im.signal_source = "per sub-image ViT [CLS] row, mapped through unpad"
+            if rank_rows is not None:
+                flat = rank_rows[start:start + n_sub[i]].flatten().to(dev)
+                im.signals["subimage_rank"] = torch.where(newline, per_sub, flat[src.clamp(min=0)])
             im.signals["crop_ids"] = torch.where(newline, 0, src.clamp(min=0) // per_sub)
+            if "crop_grid" in needs:
+                gh, gw = get_anyres_image_grid_shape(image_sizes[i], cfg.image_grid_pinpoints,
+                                                     cfg.vision_config.image_size) if n_sub[i] > 1 else (0, 0)
+                im.signals["crop_grid"] = torch.tensor([int(gh), int(gw)], device=dev).expand(f.shape[0], 2)
             im.signals["coords"] = self._coords(f.shape[0], side, n_rows if n_sub[i] > 1 else 0, dev)
             start += n_sub[i]
             images.append(im)

@@ -1,26 +1,35 @@
 """GlobalCom²: thumbnail-commanded crop budgets for multi-crop (AnyRes) inputs, implemented from SELECTORS.md §6.4.
 
 Paper: "Compression with Global Guidance: Towards Training-free High-Resolution MLLMs Acceleration" (later
-"Global Compression Commander"), arXiv 2501.05179. The thumbnail (base image) sees the whole picture, so its [CLS]
-logits *command* the crops: (1) a crop covering more thumbnail signal gets a larger retention ratio,
-``r_c = r·(1 + p_c − 1/C)`` with ``p = softmax(S/τ)`` over the crops' thumbnail mass ``S``; (2) every crop token is
-scored by its crop's own [CLS] logit plus the thumbnail logit map sampled at its position, each L2-normalised over
-the crop. The thumbnail itself keeps its ``round(r·N_0)`` highest-logit tokens. Text-agnostic.
+"Global Compression Commander"), arXiv 2501.05179. Reference: ``xuyang-liu16/GlobalCom2@96b2d00`` (Apache-2.0); the
+algorithm, the reference's bugs not reproduced and every difference from the reference code are in
+``docs/methods/globalcom2.md``. The thumbnail (base image) sees the whole picture, so its [CLS] logits *command* the
+crops: (1) a crop covering more thumbnail signal gets a larger retention ratio, ``r_c = r·(1 + p_c − 1/C)`` with
+``p = softmax(S/τ)`` over the crops' thumbnail mass ``S``; (2) every crop token is scored by its crop's own [CLS]
+logit plus the thumbnail logit map sampled at its position, each L2-normalised over the crop. The thumbnail itself
+keeps its ``round(r·N_0)`` highest-logit tokens. Text-agnostic.
 
 Signals: ``crop_ids`` (0 = thumbnail, 1..C = crops), ``cls_logits`` (head-mean *pre-softmax* [CLS] logits of the
-last ViT layer, one per token) and ``coords`` (patch-centre (y, x) of every token in the whole image, in [0, 1)).
+last ViT layer, one per token), ``coords`` (patch-centre (y, x) of every token in the whole image, in [0, 1): the
+unpadded geometry, which places the global prior) and, optionally, ``crop_grid`` (the image's crop grid (rows, cols)
+on every token, crop id = 1 + r·cols + c).
+
+Geometry, as in the reference: the crop ratios lay the thumbnail grid over the *padded* crop grid in whole blocks
+(:func:`reference_regions`; every grid cell is a crop, also one that unpadding removed whole), while the global prior
+interpolates the thumbnail over the *unpadded* crop map (:func:`crop_token_scores`). Without ``crop_grid`` (a
+standalone call on a layout that has none) the ratios fall back to regions derived from the crops' coordinates
+(:func:`crop_regions`).
 
 Deliberate differences from the reference:
 
 * **Exact budget.** The reference floors every crop's ``N_c·r_c``, so it keeps fewer tokens than asked (and the
   mean-ratio identity breaks when a ratio clips at 1); here the per-part counts are fixed up to exactly ``keep``
-  (see :func:`globalcom2_quotas`).
+  (see :func:`globalcom2_quotas`), with ``r = keep / N``.
 * **Order.** The reference emits the thumbnail tokens in descending-score order, crops in stitched raster order;
   vtprune returns ascending indices (``order="sorted"``); the kept set is the same.
 * **Newlines** are the adapter's business (``newlines="keep"``: layout tokens are kept and not counted), so the
-  reference's one newline per stitched row is not part of the budget.
-* **Crop regions** are derived from coordinates rather than from a fixed gh×gw split of a 24×24 grid, so unpadded
-  and partially removed crops are handled; see :func:`crop_regions`.
+  reference's one newline per *padded* stitched row is not part of the budget; the model's own layout (one per
+  unpadded row) is kept.
 """
 
 from __future__ import annotations
@@ -128,10 +137,49 @@ def _check_tau(tau: Any) -> None:
         raise ValueError(f"{NAME}: option tau must be a number > 0, got {tau!r}")
 
 
+def _check_options(options: dict[str, Any]) -> None:
+    """``prune()``-time check of the user's options (the same rule the selector applies per call)."""
+    if "tau" in options:
+        _check_tau(options["tau"])
+
+
 def _no_crops_error() -> ValueError:
     return ValueError(f"{NAME} needs a multi-crop input (LLaVA-NeXT AnyRes base + crops): a thumbnail "
                       f"(crop_ids == 0) plus at least one crop (crop_ids >= 1); this image has no crops. For a "
                       f"single image use holov or fastervlm.")
+
+
+def reference_regions(row: torch.Tensor, col: torch.Tensor, h0: int, w0: int, rows: int, cols: int) -> torch.Tensor:
+    """Crop-grid cell of every thumbnail token under the reference's block rule (``generate_scale_for_crop_features``).
+
+    The thumbnail's ``h0 × w0`` grid is laid over the *padded* ``rows × cols`` crop grid (the canvas the crops were cut
+    from) in whole blocks of ``max(h0 // rows, 1)`` rows and ``max(w0 // cols, 1)`` columns; the last block row / column
+    also takes the remainder (indices clipped to the grid). So a crop that unpadding shrank or removed still counts the
+    thumbnail mass of its full block.
+
+    Args:
+        row, col: ``LongTensor[N0]`` grid cell of every thumbnail token.
+        h0, w0: thumbnail grid size; ``rows``, ``cols``: crop grid size (>= 1).
+
+    Returns:
+        ``LongTensor[N0]``: index ``r·cols + c`` of the crop cell (crop id minus one).
+    """
+    r = torch.clamp(row // max(h0 // rows, 1), max=rows - 1)
+    c = torch.clamp(col // max(w0 // cols, 1), max=cols - 1)
+    return r * cols + c
+
+
+def _grid_of(crop_grid: torch.Tensor, ids_cpu: torch.Tensor) -> tuple[int, int]:
+    """(rows, cols) from a row's ``crop_grid [N, 2]``: one value for the whole image, covering every crop id."""
+    g = crop_grid.detach().cpu()
+    if g.dtype.is_floating_point or g.dtype == torch.bool or bool((g != g[:1]).any()):
+        raise ValueError(f"{NAME}: signal 'crop_grid' must be an integer tensor holding the image's crop grid "
+                         f"(rows, cols) on every token, got {g.dtype} / several values")
+    rows, cols = int(g[0, 0]), int(g[0, 1])
+    if rows < 1 or cols < 1 or int(ids_cpu.max()) > rows * cols:
+        raise ValueError(f"{NAME}: crop grid ({rows}, {cols}) does not hold crop ids up to {int(ids_cpu.max())} "
+                         f"(crop id = 1 + r·cols + c)")
+    return rows, cols
 
 
 def globalcom2_crop_ratios(
@@ -141,20 +189,24 @@ def globalcom2_crop_ratios(
     ratio: float,
     *,
     tau: float = 10.0,
+    crop_grid: torch.Tensor | None = None,
 ) -> CropRatios:
     """Retention ratio of every crop of one row, from the thumbnail logits that fall on its region.
 
     Args:
         cls_logits: ``[N]`` head-mean [CLS] logits of every token.
         coords: ``[N, 2]`` (y, x) patch centres in the whole image, in [0, 1).
-        crop_ids: ``LongTensor[N]``: 0 = thumbnail, 1..C = crops.
+        crop_ids: ``LongTensor[N]``: 0 = thumbnail, 1..C = crops (with ``crop_grid``: ``1 + r·cols + c``).
         ratio: the overall retention ratio ``r``.
         tau: softmax temperature (∞ gives ``r_c = r`` for every crop).
+        crop_grid: optional ``LongTensor[N, 2]``, the image's crop grid (rows, cols) on every token.
 
     Returns:
-        :class:`CropRatios`. Thumbnail token t counts for the crop whose region (:func:`crop_regions`) contains its
-        centre (:func:`assign_to_regions`); so with tiling crops every thumbnail token counts exactly once.
-        Without clipping ``Σ_c r_c = C·r``.
+        :class:`CropRatios`. With ``crop_grid`` (LLaVA-NeXT): the reference's geometry — every cell of the grid is a
+        crop (ids ``1..rows·cols``, also those unpadding removed whole, which keep 0 tokens but still enter the
+        softmax and ``1/C``) and thumbnail token t counts for the cell of :func:`reference_regions`. Without it:
+        the crops present, thumbnail token t counting for the crop whose region (:func:`crop_regions`) contains its
+        centre (:func:`assign_to_regions`). Without clipping ``Σ_c r_c = C·r``.
     """
     _check_tau(tau)
     ids_cpu = crop_ids.detach().cpu()
@@ -164,13 +216,18 @@ def globalcom2_crop_ratios(
     if not bool(thumb.any()):
         raise ValueError(f"{NAME}: no thumbnail tokens (crop_ids == 0) in this image; the thumbnail commands the "
                          f"crop budgets")
-    ids = torch.unique(ids_cpu[~thumb]).tolist()
-    if not ids:
+    if not bool((~thumb).any()):
         raise _no_crops_error()
-    _, _, ys, xs = _thumbnail_grid(pts[thumb])
-    cell = (_spacing(ys) or 1.0, _spacing(xs) or 1.0)  # a one-row thumbnail spans the whole height
-    lo, hi = crop_regions([pts[ids_cpu == c] for c in ids], cell)
-    assign = assign_to_regions(pts[thumb], lo, hi)
+    row, col, ys, xs = _thumbnail_grid(pts[thumb])
+    if crop_grid is not None:
+        rows, cols = _grid_of(crop_grid, ids_cpu)
+        ids = list(range(1, rows * cols + 1))
+        assign = reference_regions(row, col, ys.numel(), xs.numel(), rows, cols)
+    else:
+        ids = torch.unique(ids_cpu[~thumb]).tolist()
+        cell = (_spacing(ys) or 1.0, _spacing(xs) or 1.0)  # a one-row thumbnail spans the whole height
+        lo, hi = crop_regions([pts[ids_cpu == c] for c in ids], cell)
+        assign = assign_to_regions(pts[thumb], lo, hi)
     mass = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, assign, logits[thumb])
     if math.isinf(tau):
         probs = torch.full_like(mass, 1.0 / len(ids))
@@ -274,6 +331,7 @@ def globalcom2_select(
     crop_ids: torch.Tensor | None = None,
     cls_logits: torch.Tensor | None = None,
     coords: torch.Tensor | None = None,
+    crop_grid: torch.Tensor | None = None,
     tau: float = 10.0,
     **signals: Any,
 ) -> torch.Tensor:
@@ -288,6 +346,8 @@ def globalcom2_select(
         cls_logits: required ``FloatTensor[B, N]``: head-mean pre-softmax [CLS] logits of the last ViT layer.
         coords: required ``FloatTensor[B, N, 2]``: (y, x) patch centres in the whole image, in [0, 1); the
             thumbnail's tokens must form a regular grid.
+        crop_grid: optional ``LongTensor[B, N, 2]``: the image's crop grid (rows, cols) on every token; with it the
+            crop ratios follow the reference's padded-grid geometry (:func:`globalcom2_crop_ratios`).
         tau: softmax temperature of the crop ratios (default 10).
         **signals: other adapter signals, ignored.
 
@@ -313,6 +373,9 @@ def globalcom2_select(
                          f"got {crop_ids.dtype}")
     if not coords.dtype.is_floating_point:
         raise ValueError(f"{NAME}: signal 'coords' must be a float tensor, got {coords.dtype}")
+    if crop_grid is not None and (not isinstance(crop_grid, torch.Tensor) or tuple(crop_grid.shape) != (b, n, 2)):
+        shape = tuple(crop_grid.shape) if isinstance(crop_grid, torch.Tensor) else type(crop_grid).__name__
+        raise ValueError(f"{NAME}: signal 'crop_grid' must be a tensor of shape {(b, n, 2)}, got {shape}")
     dev = features.device
     if keep == n:
         return torch.arange(n, device=dev).expand(b, n).clone()
@@ -324,7 +387,8 @@ def globalcom2_select(
             raise _no_crops_error()
         n_valid = int(valid.sum())
         ratio = keep / n_valid
-        cr = globalcom2_crop_ratios(cls_logits[r], coords[r], ids_r, ratio, tau=tau)
+        cr = globalcom2_crop_ratios(cls_logits[r], coords[r], ids_r, ratio, tau=tau,
+                                    crop_grid=None if crop_grid is None else crop_grid[r])
         counts = torch.bincount(ids_r[valid], minlength=max(cr.ids) + 1).tolist()
         quotas = globalcom2_quotas(counts[0], [counts[c] for c in cr.ids], ratio, cr.ratios.tolist(), keep)
         score = crop_token_scores(cls_logits[r].to(dev), coords[r], ids_r, cr.ids, valid)
@@ -341,7 +405,9 @@ SPEC = SelectorSpec(
     name=NAME,
     fn=globalcom2_select,
     requires=("crop_ids", "cls_logits", "coords"),
+    optional=("crop_grid",),
     options={"tau": 10.0},
+    check_options=_check_options,
     newlines="keep",
     description="GlobalCom² (arXiv 2501.05179): multi-crop (AnyRes) inputs only; the thumbnail keeps its top "
                 "round(r·N0) tokens by [CLS] logit and sets each crop's ratio r·(1 + p_c − 1/C) from the thumbnail "
