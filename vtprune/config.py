@@ -8,6 +8,9 @@ from typing import Any
 
 POSITIONS = ("preserve", "compact")
 STAGES = ("vision", "pre_llm", "llm:K")
+#: ``seed`` is valid in [0, SEED_LIMIT): adapters seed image ``j`` of a sample with ``seed * 1_000_003 + j`` in an
+#: int64 tensor, which must not overflow (2**32 * 1_000_003 < 2**52, far inside int64 for any image count).
+SEED_LIMIT = 2**32
 
 
 def _is_int(v: Any) -> bool:
@@ -80,6 +83,10 @@ class StageSpec:
                 f"unknown option(s) {unknown} for method {self.method!r}; valid options: {valid}; "
                 "common arguments: keep, keep_ratio, positions, seed"
             )
+        if self.layer is not None and self.options.get("schedule") is not None:
+            raise ValueError(f"method {self.method!r}: give schedule=[(layer, keep_ratio), ...] or layer=K with "
+                             f"keep/keep_ratio, not both (got layer={self.layer!r}, "
+                             f"schedule={self.options['schedule']!r})")
         if spec.check_options is not None:
             spec.check_options(dict(self.options))
 
@@ -107,13 +114,37 @@ class StageSpec:
         return cls(**base, options={**opts, **d})
 
 
+def expand_schedule(method: str, fractions: tuple[tuple[float, float], ...] | list[tuple[float, float]],
+                    n_layers: int) -> list[tuple[int, float]]:
+    """A default schedule of ``(fraction of depth, keep ratio)`` pairs as ``(layer, keep ratio)`` for ``n_layers``.
+
+    Each boundary goes to ``round(fraction * n_layers)`` clamped into the valid stage layers ``1..n_layers-1`` (a
+    stage at layer K needs layers ``0..K-1`` before it and at least layer K after it). On a shallow model several
+    boundaries can land on one layer; they merge into one stage with the later (smaller) ratio, so the schedule still
+    ends at its final budget: ``pdrop`` on 3 layers gives ``[(1, 0.5), (2, 0.125)]``, on 2 layers ``[(1, 0.125)]``,
+    on 32 layers ``[(8, 0.5), (16, 0.25), (24, 0.125)]``. Needs ``n_layers >= 2`` (else ValueError).
+    """
+    if n_layers < 2:
+        raise ValueError(f"method {method!r} runs inside the language model (stages at layers 1..n_layers-1), which "
+                         f"needs at least 2 decoder layers; this one has {n_layers}")
+    out: list[tuple[int, float]] = []
+    for frac, ratio in fractions:
+        layer = min(max(1, round(frac * n_layers)), n_layers - 1)
+        if out and out[-1][0] == layer:
+            out[-1] = (layer, float(ratio))
+        else:
+            out.append((layer, float(ratio)))
+    return out
+
+
 @dataclass
 class PruneConfig:
     """Everything ``vtprune.prune`` needs; JSON round-trips through ``to_dict``/``from_dict``.
 
     ``positions``: ``"preserve"`` (default: kept tokens keep the position ids of the unpruned prompt, decoding
     continues after the unpruned length) or ``"compact"`` (re-indexed 0..L'-1; an ablation).
-    ``seed``: for stochastic selectors; per image the seed is combined with the image's index in its sample.
+    ``seed``: for stochastic selectors, an int in [0, 2**32); per image the seed is combined with the image's index
+    in its sample (``seed * 1_000_003 + index``, an int64).
     """
 
     stages: list[StageSpec]
@@ -140,8 +171,9 @@ class PruneConfig:
                              "(use positions='preserve')")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be an int in [0, 2**32) (per image it becomes seed * 1_000_003 + image index "
+                             f"in an int64), got {self.seed!r}")
         return self
 
     @classmethod
@@ -151,9 +183,10 @@ class PruneConfig:
 
     def resolved(self, n_layers: int, vision_stage: bool = True) -> PruneConfig:
         """Concrete stages for a language model of ``n_layers`` decoder layers: an llm-only method without ``layer``
-        gets its default layer (FastV: 2) or its multi-stage schedule (PyramidDrop, ATP). ``vision_stage=False``
-        (the family's tower cannot be pruned inside): a vision-stage method that also runs in the LLM (FlowCut) moves
-        to its default LLM layer."""
+        gets its default layer (FastV: 2) or its multi-stage schedule (PyramidDrop, ATP; see
+        :func:`expand_schedule` for how a default schedule scales to the depth). ``vision_stage=False`` (the family's
+        tower cannot be pruned inside): a vision-stage method that also runs in the LLM (FlowCut) moves to its default
+        LLM layer. An explicit ``schedule`` is used as given; a layer past the model's last one raises."""
         from .registry import get_selector
 
         out: list[StageSpec] = []
@@ -165,7 +198,8 @@ class PruneConfig:
                 out.append(s)
             elif spec.schedule:
                 opts = {k: v for k, v in s.options.items() if k != "schedule"}
-                sched = s.options.get("schedule") or [(max(1, round(f * n_layers)), r) for f, r in spec.schedule]
+                given = s.options.get("schedule")
+                sched = expand_schedule(s.method, spec.schedule, n_layers) if given is None else given
                 for layer, ratio in sched:
                     out.append(StageSpec(s.method, None, float(ratio), int(layer), options=dict(opts)))
             else:

@@ -12,6 +12,7 @@ those, and the options a user may pass through ``vtprune.prune(..., **options)``
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,21 +68,28 @@ def option_number(method: str, name: str, value: Any, *, lo: float | None = None
     """Raise ValueError unless ``value`` is a real number (an int if ``integer``) inside the given range.
 
     The message names the method, the option, the bad value and the valid range, e.g.
-    ``atp: option mass must be a number in (0, 1], got -1``.
+    ``atp: option mass must be a number in (0, 1], got -1``. ``integer`` accepts int-like values (numpy ints,
+    0-d integer tensors: ``operator.index``) but never bools or floats; a non-integer number must be finite.
     """
     kind = "an int" if integer else "a number"
     rng = ""
     if lo is not None or hi is not None:
         rng = (f" in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
                f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok = ok and not isinstance(value, bool)
-    if ok and not integer:
-        ok = math.isfinite(float(value))
+    v: Any = None
+    if not isinstance(value, bool):
+        if integer:
+            try:
+                v = operator.index(value)
+            except TypeError:
+                v = None
+        elif isinstance(value, (int, float)) and math.isfinite(float(value)):
+            v = value
+    ok = v is not None
     if ok and lo is not None:
-        ok = value > lo if lo_open else value >= lo
+        ok = v > lo if lo_open else v >= lo
     if ok and hi is not None:
-        ok = value < hi if hi_open else value <= hi
+        ok = v < hi if hi_open else v <= hi
     if not ok:
         raise ValueError(f"{method}: option {name} must be {kind}{rng}, got {value!r}")
 
@@ -91,6 +99,47 @@ def option_choice(method: str, name: str, value: Any, choices: tuple[Any, ...]) 
     if isinstance(value, bool) or value not in choices:
         raise ValueError(f"{method}: option {name} must be one of {', '.join(repr(c) for c in choices)}, "
                          f"got {value!r}")
+
+
+def option_schedule(method: str, name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is ``None`` (the method's default schedule) or a usable explicit schedule.
+
+    Explicit: a non-empty list (or tuple) of ``(layer, ratio)`` pairs (2-item lists too, as JSON gives them):
+    ``layer`` an int ≥ 1 (the decoder layer from which only the kept tokens are seen; the upper bound, the model's
+    depth, is checked when ``prune()`` knows the model), ``ratio`` a number in (0, 1] of the image's tokens;
+    layers strictly increasing (stages run in layer order) and ratios non-increasing (a later stage only sees the
+    tokens an earlier one kept, so a larger ratio there could never be met).
+    """
+    if value is None:
+        return
+    what = (f"{method}: option {name} must be a non-empty list of (layer: int >= 1, keep ratio in (0, 1]) pairs "
+            f"with strictly increasing layers and non-increasing ratios, got {value!r}")
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(what)
+    prev: tuple[int, float] | None = None
+    for i, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"{what}: item {i} {pair!r} is not a (layer, ratio) pair")
+        layer, ratio = pair
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+            raise ValueError(f"{what}: item {i} has layer {layer!r}, not an int >= 1")
+        if (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(float(ratio))
+                or not 0.0 < float(ratio) <= 1.0):
+            raise ValueError(f"{what}: item {i} has ratio {ratio!r}, not a number in (0, 1]")
+        if prev is not None and layer <= prev[0]:
+            raise ValueError(f"{what}: layer {layer} does not come after layer {prev[0]}")
+        if prev is not None and float(ratio) > prev[1]:
+            raise ValueError(f"{what}: ratio {ratio!r} at layer {layer} exceeds {prev[1]!r} at layer {prev[0]}")
+        prev = (layer, float(ratio))
+
+
+def detached(value: Any) -> Any:
+    """``value.detach()`` for a tensor, ``value`` otherwise.
+
+    Selection is not differentiable, and some selectors write into buffers in place (``out=``), which autograd
+    refuses; so every selector scores on detached inputs, whether or not its caller disabled grad.
+    """
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
 def check_inputs(name: str, features: torch.Tensor, keep: int, valid_mask: torch.Tensor | None) -> None:
@@ -121,13 +170,28 @@ def check_signal(name: str, signal: str, value: Any, shape: tuple[int, ...] | No
         raise ValueError(f"{name}: signal {signal!r} must have shape {shape}, got {tuple(value.shape)}")
 
 
-def topk_sorted(score: torch.Tensor, keep: int, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Top-``keep`` indices per row of ``score[B, N]``, ties to the lower index, returned ascending.
+def rank_desc(score: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices ``LongTensor[..., N]`` ordering the last dim of ``score[..., N]`` best first, in fp32.
 
-    Scored in fp32; invalid entries (``valid_mask`` False) are never chosen.
+    Order: by value descending (``+inf`` first, ``-inf`` after every finite value), then ``NaN`` entries, then
+    the entries whose ``valid_mask`` is False; ties (and NaNs among themselves) go to the lower index. A NaN is
+    "no score", so it never outranks a number; ``torch.sort`` alone would put it first.
     """
     s = score.float()
+    nan = torch.isnan(s)
+    order = torch.sort(s.masked_fill(nan, float("-inf")), dim=-1, descending=True, stable=True).indices
+    tier = nan.to(torch.uint8)
     if valid_mask is not None:
-        s = s.masked_fill(~valid_mask, float("-inf"))
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :keep]
-    return order.sort(dim=-1).values
+        tier = tier.masked_fill(~valid_mask.to(s.device), 2)
+    # A stable sort by tier keeps the value order inside each tier: a two-key sort in two passes.
+    return order.gather(-1, torch.sort(tier.gather(-1, order), dim=-1, stable=True).indices)
+
+
+def topk_sorted(score: torch.Tensor, keep: int, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-``keep`` indices per row of ``score[B, N]``, ties to the lower index, returned ascending ``[B, keep]``.
+
+    Scored in fp32 in the order of :func:`rank_desc`: ``+inf`` ranks first, ``-inf`` after every finite score,
+    ``NaN`` after that, and invalid entries (``valid_mask`` False) are never chosen (callers guarantee
+    ``keep`` ≤ the valid count, see :func:`check_inputs`).
+    """
+    return rank_desc(score, valid_mask)[:, :keep].sort(dim=-1).values

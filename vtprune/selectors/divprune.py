@@ -13,6 +13,12 @@ Algorithm, with ``d_ij = 1 - cos(x_i, x_j)`` in fp32:
 Selected and invalid tokens score ``-inf``, so picks are unique even when tokens are exact duplicates. Ties go to
 the lowest index because ``torch.max`` / ``torch.argmax`` return the first maximal index (documented behaviour).
 
+Non-finite features: a token whose feature row holds a NaN or ±inf has no position in the cosine geometry, so it is
+no one's neighbour and a candidate of last resort: the greedy runs on the finite valid tokens exactly as if the
+others were absent, and only once those are all picked are the non-finite ones added, lowest index first (their
+score is ``NONFINITE_SCORE``, below every real distance, above the ``-inf`` of picked and invalid tokens). So the
+output stays unique, ascending and exactly ``keep`` per row.
+
 Cost per row: one ``O(N^2 D)`` Gram matrix (upper-triangle blocks only, mirrored), then ``keep`` steps of
 ``O(N)`` each (a running-min vector updated with one gathered distance row), all batched over ``B`` with no host
 synchronisation inside the step loop. The plain greedy recomputes the min over all selected rows each step,
@@ -32,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .base import SelectorSpec, check_inputs
+from .base import SelectorSpec, check_inputs, detached
 
 NAME = "divprune"
 
@@ -44,6 +50,9 @@ DENSE_MAX_ELEMENTS = 2**26
 BLOCK_ROWS = 1024
 # Added to the norm so that a zero vector normalises to zero (cosine 0, distance 1 to everything) instead of NaN.
 NORM_EPS = 1e-12
+# Score (and reported radius) of a valid token with non-finite features: below any cosine distance (>= 0 up to
+# rounding), above -inf (picked / invalid), so such tokens are picked only after every finite one, in index order.
+NONFINITE_SCORE = -1.0
 
 
 def _normalise(features: torch.Tensor) -> torch.Tensor:
@@ -121,23 +130,29 @@ def distance_and_nn(
 
 
 def _greedy_steps(
-    row_of: Callable[[torch.Tensor], torch.Tensor], nn: torch.Tensor, keep: int, valid_mask: torch.Tensor | None
+    row_of: Callable[[torch.Tensor], torch.Tensor], nn: torch.Tensor, keep: int, valid_mask: torch.Tensor | None,
+    weak: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy max-min picks given each token's nearest-neighbour distance ``nn[B, N]``.
 
     ``row_of(cur LongTensor[B]) -> FloatTensor[B, N]`` returns the distance row of each row's latest pick with
     ``-inf`` at the pick itself. ``O(N)`` work and a few kernel launches per step, no host synchronisation: the
     running minimum ``score_j = min_{s in S} d_sj`` is updated with that one row, and the ``-inf`` entry removes
-    the pick from the candidates without a separate scatter.
+    the pick from the candidates without a separate scatter. ``weak`` (``BoolTensor[B, N]``, optional): valid
+    tokens that start at ``NONFINITE_SCORE``; the running minimum keeps them there (their distances are finite, at
+    most 2) until they are picked, so they come after every other candidate.
     """
     b, n = nn.shape
     inf = float("inf")
     invalid = None if valid_mask is None else ~valid_mask
-    start = nn if invalid is None else nn.masked_fill(invalid, -inf)
+    start = nn if weak is None else nn.masked_fill(weak, NONFINITE_SCORE)
+    start = start if invalid is None else start.masked_fill(invalid, -inf)
     # torch.max(dim) returns the first maximal index, so ties go to the lowest index.
     radius, cur = start.max(dim=-1)
     picks, radii = [cur], [radius]
     score = torch.full((b, n), inf, dtype=torch.float32, device=nn.device)
+    if weak is not None:
+        score.masked_fill_(weak, NONFINITE_SCORE)
     if invalid is not None:
         score.masked_fill_(invalid, -inf)
     for _ in range(keep - 1):
@@ -182,8 +197,12 @@ def greedy_maxmin(
     return _greedy_steps(_dense_rows(distance), nn, keep, valid_mask)
 
 
-def _blockwise(xn: torch.Tensor, keep: int, valid_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy on unit vectors ``xn[B, N, D]`` without the ``[B, N, N]`` matrix: ``O(B N)`` extra memory."""
+def _blockwise(xn: torch.Tensor, keep: int, valid_mask: torch.Tensor | None, neighbours: torch.Tensor | None = None,
+               weak: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy on unit vectors ``xn[B, N, D]`` without the ``[B, N, N]`` matrix: ``O(B N)`` extra memory.
+
+    ``neighbours`` (default ``valid_mask``): tokens that count as nearest neighbours; ``weak``: see
+    :func:`_greedy_steps`."""
     b, n, d = xn.shape
     inf = float("inf")
     xt = xn.transpose(1, 2)
@@ -192,8 +211,8 @@ def _blockwise(xn: torch.Tensor, keep: int, valid_mask: torch.Tensor | None) -> 
         hi = min(lo + BLOCK_ROWS, n)
         blk = torch.bmm(xn[:, lo:hi], xt).neg_().add_(1.0)  # [B, hi-lo, N]
         blk[:, :, lo:hi].diagonal(dim1=1, dim2=2).fill_(inf)
-        if valid_mask is not None:
-            blk.masked_fill_(~valid_mask[:, None, :], inf)
+        if neighbours is not None:
+            blk.masked_fill_(~neighbours[:, None, :], inf)
         nn[:, lo:hi] = blk.amin(dim=-1)
 
     def row_of(cur: torch.Tensor) -> torch.Tensor:
@@ -201,22 +220,34 @@ def _blockwise(xn: torch.Tensor, keep: int, valid_mask: torch.Tensor | None) -> 
         row = torch.bmm(q, xt).squeeze(1).neg_().add_(1.0)  # [B, N], O(N D)
         return row.scatter_(1, cur[:, None], -inf)
 
-    return _greedy_steps(row_of, nn, keep, valid_mask)
+    return _greedy_steps(row_of, nn, keep, valid_mask, weak)
 
 
 def _order(features: torch.Tensor, keep: int, valid_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`divprune_order` without input checks."""
     b, n, _ = features.shape
-    xn = _normalise(features)
+    # Selection is not differentiable, and the greedy updates its buffers with ``out=``, which autograd refuses.
+    x = detached(features)
+    finite = torch.isfinite(x).all(-1)  # [B, N]
+    neighbours, weak = valid_mask, None
+    if not bool(finite.all()):  # one host read per call; all-finite input takes the unchanged path
+        # Zeroed rows keep every distance finite (1 to everything); ``weak`` then ranks them last, and they are
+        # nobody's neighbour, so the finite tokens are picked exactly as if the others were absent.
+        x = torch.where(finite[..., None], x, 0.0)
+        weak = ~finite if valid_mask is None else valid_mask & ~finite
+        neighbours = finite if valid_mask is None else valid_mask & finite
+    xn = _normalise(x)
     if n > DENSE_MAX_N:
-        return _blockwise(xn, keep, valid_mask)
+        return _blockwise(xn, keep, valid_mask, neighbours, weak)
     # Rows are independent, so bounding the matrix by processing a few rows at a time changes nothing.
     rows = max(1, DENSE_MAX_ELEMENTS // (n * n))
     parts = []
     for lo in range(0, b, rows):
         vm = None if valid_mask is None else valid_mask[lo : lo + rows]
-        dist, nn = distance_and_nn(xn[lo : lo + rows], vm)
-        parts.append(_greedy_steps(_dense_rows(dist), nn, keep, vm))
+        nb = None if neighbours is None else neighbours[lo : lo + rows]
+        wk = None if weak is None else weak[lo : lo + rows]
+        dist, nn = distance_and_nn(xn[lo : lo + rows], nb)
+        parts.append(_greedy_steps(_dense_rows(dist), nn, keep, vm, wk))
         del dist
     if len(parts) == 1:
         return parts[0]
@@ -234,7 +265,8 @@ def divprune_order(
         valid_mask: optional ``BoolTensor[B, N]``; False tokens are never picked and are not neighbours.
 
     Returns:
-        ``(order LongTensor[B, keep], radius FloatTensor[B, keep])``; see :func:`greedy_maxmin`.
+        ``(order LongTensor[B, keep], radius FloatTensor[B, keep])``; see :func:`greedy_maxmin`. A token with
+        non-finite features is picked only after every finite valid one, with radius ``NONFINITE_SCORE``.
     """
     check_inputs(NAME, features, keep, valid_mask)
     return _order(features, keep, valid_mask)
@@ -250,6 +282,9 @@ def divprune_select(
         keep: tokens to keep per row, ``1 <= keep <= N``.
         valid_mask: optional ``BoolTensor[B, N]``; False tokens are never chosen.
         **signals: adapter signals; DivPrune needs none and ignores them.
+
+    Tokens with a non-finite feature row are chosen only when the finite valid tokens do not fill ``keep`` (see
+    the module docstring). Features may require grad; selection runs on a detached view.
 
     Returns:
         ``LongTensor[B, keep]`` on ``features.device``, ascending and unique.

@@ -21,21 +21,44 @@ layer; the report's ``stage`` says ``llm:2``.
 ``select_tokens("flowcut", ...)`` runs one step of the score on given statistics (``flow_stats[B, 3, N]``), which is
 what a single-layer FlowCut would keep; the real method needs the encoder (``vtprune.prune(model, method=
 "flowcut", keep=...)``).
+
+Option ``decay`` (the EMA weight of the accumulated score, ``c ← decay·c + (1 − decay)·f``): a number in [0, 1].
+Non-finite statistics: a patch with a NaN or ±inf entry in any of its three statistics has no defined share of the
+flow, so it is left out of the normalising sums and scores NaN, which ranks after every finite score (see
+:func:`vtprune.selectors.base.topk_sorted`); the other patches score as if it were absent. Tokens whose
+``valid_mask`` is False are never chosen. Features are not read.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from .base import SelectorSpec, check_inputs, check_signal, topk_sorted
+from .base import SelectorSpec, check_inputs, check_signal, detached, option_number, topk_sorted
+
+NAME = "flowcut"
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Raise ValueError naming a bad ``decay`` and its valid range [0, 1]."""
+    if "decay" in options:
+        option_number(NAME, "decay", options["decay"], lo=0, hi=1)
 
 
 def flow_score(stats: torch.Tensor) -> torch.Tensor:
-    """stats [B, 3, N] (attention, semantic, value norm) over patches -> f [B, N]."""
-    a, s, n = stats[:, 0].float(), stats[:, 1].float(), stats[:, 2].float()
-    return (a / a.sum(-1, keepdim=True).clamp(min=1e-12) + s / s.sum(-1, keepdim=True).clamp(min=1e-12)) * n
+    """stats [B, 3, N] (attention, semantic, value norm) over patches -> f [B, N] (fp32).
+
+    A patch with a non-finite statistic is left out of the sums and scores NaN (one bad patch would otherwise turn
+    every patch's normalised share into NaN).
+    """
+    st = stats.float()
+    ok = torch.isfinite(st).all(1)  # [B, N]
+    st = torch.where(ok[:, None], st, 0.0)
+    a, s, n = st[:, 0], st[:, 1], st[:, 2]
+    f = (a / a.sum(-1, keepdim=True).clamp(min=1e-12) + s / s.sum(-1, keepdim=True).clamp(min=1e-12)) * n
+    return f.masked_fill(~ok, float("nan"))
 
 
 def cut_amount(attention: torch.Tensor, target: int, rho: int) -> int:
@@ -43,21 +66,28 @@ def cut_amount(attention: torch.Tensor, target: int, rho: int) -> int:
     n = attention.shape[-1]
     if rho <= 0:
         return max(0, n - target)
-    p = attention.float() / attention.float().sum(-1, keepdim=True).clamp(min=1e-12)
+    a = attention.float()
+    a = torch.where(torch.isfinite(a), a, 0.0)  # non-finite attention counts as none (as in flow_score)
+    p = a / a.sum(-1, keepdim=True).clamp(min=1e-12)
     ent = -(p * p.clamp(min=1e-12).log()).sum(-1)
     e_max = math.log(n) if n > 1 else 1.0
     amount = (n - target) / math.sqrt(rho) * (1 - (ent / e_max) ** 2)
-    return int(torch.round(amount).clamp(min=0).max())  # one common amount keeps the batch rectangular
+    # A NaN amount (negative attention) drops nothing early; the last step still cuts to exactly ``target``.
+    amount = torch.nan_to_num(torch.round(amount), nan=0.0).clamp(min=0)
+    return int(amount.max())  # one common amount keeps the batch rectangular
 
 
 def flowcut_select(features: torch.Tensor, keep: int, *, valid_mask: torch.Tensor | None = None,
-                   flow_stats: torch.Tensor | None = None, **signals) -> torch.Tensor:
-    """One-layer form: features [B, N, D], flow_stats [B, 3, N] -> LongTensor[B, keep], top-k of f, ascending."""
-    check_inputs("flowcut", features, keep, valid_mask)
-    check_signal("flowcut", "flow_stats", flow_stats, (features.shape[0], 3, features.shape[1]))
-    return topk_sorted(flow_score(flow_stats), keep, valid_mask).to(features.device)
+                   flow_stats: torch.Tensor | None = None, decay: float = 0.5, **signals: Any) -> torch.Tensor:
+    """One-layer form: features [B, N, D], flow_stats [B, 3, N] -> LongTensor[B, keep], top-k of f, ascending.
+
+    ``decay`` is checked but has no effect on a single layer (it weighs the score across encoder layers)."""
+    check_inputs(NAME, features, keep, valid_mask)
+    check_signal(NAME, "flow_stats", flow_stats, (features.shape[0], 3, features.shape[1]))
+    check_options({"decay": decay})
+    return topk_sorted(flow_score(detached(flow_stats)), keep, valid_mask).to(features.device)
 
 
-SPEC = SelectorSpec(name="flowcut", fn=flowcut_select, requires=("flow_stats",), stages=("vision", "llm"),
-                    options={"decay": 0.5}, newlines="keep", default_layer=2,
+SPEC = SelectorSpec(name=NAME, fn=flowcut_select, requires=("flow_stats",), stages=("vision", "llm"),
+                    options={"decay": 0.5}, newlines="keep", default_layer=2, check_options=check_options,
                     description="FlowCut: progressive information-flow pruning inside the vision encoder")

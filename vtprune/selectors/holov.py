@@ -17,6 +17,13 @@ Corrected, not reproduced (design notes "Do not reproduce"):
 * the reference emits crops in order with descending attention inside each crop; vtprune returns ascending
   indices (``order="sorted"``); the kept *set* is the same;
 * K and C are options, not call-site constants.
+
+Options: ``crops`` an int ≥ 1; ``alpha`` a finite number ≥ 0; ``within`` ``"attention"`` or ``"holistic"``.
+
+Non-finite input: a NaN or ±inf [CLS] attention counts as 0 in the crop weights and γ, and the token ranks after
+every token with a finite attention inside its crop (with either ``within``); a feature row with a non-finite entry
+is treated as a zero vector in the intra-crop similarities (cosine 0 to every other token), so it cannot turn its
+crop's diversity into NaN. Tokens whose ``valid_mask`` is False belong to no crop and are never chosen.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .base import SelectorSpec, check_inputs, check_signal
+from .base import SelectorSpec, check_inputs, check_signal, detached, option_choice, option_number, rank_desc
 from .uniform import split_budget
 
 NAME = "holov"
@@ -111,11 +118,11 @@ def group_topk(score: torch.Tensor, group: torch.Tensor, quota: torch.Tensor) ->
         quota: ``LongTensor[G]`` tokens to keep per group, each at most the group's size.
 
     Returns:
-        ``LongTensor[sum(quota)]`` ascending. Vectorised: no host read.
+        ``LongTensor[sum(quota)]`` ascending. Vectorised: no host read. A NaN score ranks after every number in its
+        group (:func:`vtprune.selectors.base.rank_desc`).
     """
     n = score.numel()
-    s = score.float().masked_fill(group < 0, float("-inf"))
-    by_score = torch.sort(s, descending=True, stable=True).indices  # stable: equal scores keep index order
+    by_score = rank_desc(score, group >= 0)  # stable: equal scores keep index order
     g = group[by_score]
     by_group = torch.sort(g, stable=True).indices  # groups ascending, each still in descending-score order
     order, g = by_score[by_group], g[by_group]
@@ -253,12 +260,14 @@ def crop_diversity(z: torch.Tensor) -> torch.Tensor:
 
     Tokens are L2-normalised (norm clamped at ε = 1e-6); ``S = ẑ ẑᵀ`` with a zeroed diagonal;
     ``μ_i = Σ_j S_ij / (M−1)`` and ``V_i = Σ_j (S_ij − μ_i)² / (M−1)``, the sum over every ``j`` including the
-    zeroed diagonal entry (reference). A one-token crop has ``V = 0``.
+    zeroed diagonal entry (reference). A one-token crop has ``V = 0``. A row with a non-finite entry counts as a
+    zero vector (cosine 0 to every token), so the crop's ``V`` stays finite.
     """
     m = z.shape[0]
     if m < 2:
         return z.new_zeros(m, dtype=torch.float32)
     zf = z.float()
+    zf = torch.where(torch.isfinite(zf).all(-1, keepdim=True), zf, 0.0)
     zn = zf / zf.norm(dim=-1, keepdim=True).clamp_min(EPS)
     s = zn @ zn.T
     s.fill_diagonal_(0.0)
@@ -310,6 +319,7 @@ def holov_plan(
     Note: ``γ_c`` is per crop, so the diversity term adds about ``α·mean(1000·A_c)`` to every crop's mean and the
     weights stay close to the crops' mean attention; ``V`` mainly reorders tokens inside a crop
     (``within="holistic"``) and only shifts weights for crops with almost no diversity (``mean V ≲ ε``).
+    Non-finite attention counts as 0 and non-finite feature rows as zero vectors (see the module docstring).
     """
     n = features.shape[0]
     dev = features.device
@@ -317,7 +327,8 @@ def holov_plan(
     sizes_l = torch.bincount(crop + 1).tolist()[1:]  # slot 0 counts the invalid tokens (crop -1)
     n_crops = len(sizes_l)
     order = torch.argsort(crop, stable=True)[n - sum(sizes_l):]  # valid tokens grouped by crop, in index order
-    a = 1000.0 * cls_attention.to(dev).float()
+    att = cls_attention.to(dev).float()
+    a = 1000.0 * torch.where(torch.isfinite(att), att, 0.0)  # non-finite attention counts as none
     score = torch.zeros(n, dtype=torch.float32, device=dev)
     means = []
     for idx in order.split(sizes_l):  # one small O(M²·D) block per crop instead of O(N²·D) for the whole row
@@ -337,13 +348,14 @@ def holov_plan(
 # --------------------------------------------------------------------------------------------------------- selector
 
 
-def _check_options(crops: Any, alpha: Any, within: Any) -> None:
-    if _as_int(crops) is None or crops < 1:
-        raise ValueError(f"{NAME}: option crops must be a positive int, got {crops!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"{NAME}: option alpha must be a finite number >= 0, got {alpha!r}")
-    if within not in WITHIN:
-        raise ValueError(f"{NAME}: option within must be one of {WITHIN}, got {within!r}")
+def check_options(options: dict[str, Any]) -> None:
+    """Raise ValueError naming the first bad option value and its valid range."""
+    if "crops" in options:
+        option_number(NAME, "crops", options["crops"], lo=1, integer=True)
+    if "alpha" in options:
+        option_number(NAME, "alpha", options["alpha"], lo=0)
+    if "within" in options:
+        option_choice(NAME, "within", options["within"], WITHIN)
 
 
 def holov_select(
@@ -379,7 +391,7 @@ def holov_select(
         is not reproduced); exactly ``keep`` real tokens per row: a crop's overflow is redistributed, never padded.
     """
     check_inputs(NAME, features, keep, valid_mask)
-    _check_options(crops, alpha, within)
+    check_options({"crops": crops, "alpha": alpha, "within": within})
     b, n, _ = features.shape
     if cls_attention is not None and not isinstance(cls_attention, torch.Tensor):
         raise ValueError(f"{NAME}: signal 'cls_attention' must be a tensor of shape {(b, n)}, "
@@ -392,13 +404,16 @@ def holov_select(
     dev = features.device
     if keep == n:
         return torch.arange(n, device=dev).expand(b, n).clone()
+    features, cls_attention, crop_ids = detached(features), detached(cls_attention), detached(crop_ids)
+    unknown = ~torch.isfinite(cls_attention.to(dev).float())  # these rank last inside their crop
     rows = []
     for r in range(b):  # rows may have different crops, so the (cheap, integer) allocation runs per row
         valid = None if valid_mask is None else valid_mask[r]
         plan = holov_plan(features[r], keep, cls_attention[r], valid=valid,
-                          crop_ids=None if crop_ids is None else crop_ids[r], grid=grid, crops=int(crops),
-                          alpha=float(alpha))
+                          crop_ids=None if crop_ids is None else crop_ids[r], grid=grid,
+                          crops=operator.index(crops), alpha=float(alpha))
         rank = cls_attention[r].to(dev).float() if within == "attention" else plan.score
+        rank = rank.masked_fill(unknown[r], float("nan"))
         quota = torch.tensor(plan.quotas, dtype=torch.long, device=dev)
         rows.append(group_topk(rank, plan.crop, quota))
     return torch.stack(rows)
@@ -410,6 +425,7 @@ SPEC = SelectorSpec(
     requires=("cls_attention",),
     optional=("crop_ids", "grid"),
     options={"crops": 16, "alpha": 0.09, "within": "attention"},
+    check_options=check_options,
     newlines="keep",
     description="HoloV (arXiv 2510.02912): budget split over crops (sub-images, grid tiles or sequence segments) by "
                 "holistic crop score 1000·A + α·γ·V (attention + intra-crop similarity variance), top tokens per "

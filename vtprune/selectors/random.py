@@ -1,6 +1,7 @@
 """Random baseline: seeded uniform sampling of ``keep`` visual tokens without replacement.
 
-Content-independent: the draw depends only on the row's seed, N and the valid mask (design notes section 7.5).
+Content-independent: the draw depends only on the row's seed, N and the valid mask (design notes section 7.5), so
+non-finite features cannot affect it; tokens whose ``valid_mask`` is False are never drawn.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 from .base import SelectorSpec, check_inputs, topk_sorted
 
 NAME = "random"
+# What torch.Generator.manual_seed accepts: [-2**63, 2**64) (a Python int outside raises an opaque overflow).
+SEED_RANGE = (-(2**63), 2**64)
 
 
 def _row_seeds(seed: Any, b: int) -> list[int]:
@@ -25,6 +28,8 @@ def _row_seeds(seed: Any, b: int) -> list[int]:
         return [int(s) for s in seed.tolist()]  # one host read per call, not per step
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"{NAME}: signal 'seed' must be an int or a LongTensor[B], got {seed!r}")
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ValueError(f"{NAME}: signal 'seed' must be an int in [-2**63, 2**64), got {seed!r}")
     return [seed] * b
 
 
