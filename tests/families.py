@@ -30,13 +30,15 @@ FAMILIES = list(FAMILY)
 
 
 @functools.cache
-def _build(family: str, text_layers: int = 2):
-    return FAMILY[family][0](text_layers=text_layers)
+def _build(family: str, text_layers: int = 2, vision_layers: int = 2):
+    depth = {"vision_depth" if is_qwen(family) else "vision_layers": vision_layers}
+    return FAMILY[family][0](text_layers=text_layers, **depth)
 
 
-def model_and_processor(family: str, text_layers: int = 2):
-    """A fresh copy of the family's tiny model (``text_layers`` decoder layers) and its processor."""
-    model, proc = _build(family, text_layers)
+def model_and_processor(family: str, text_layers: int = 2, vision_layers: int = 2):
+    """A fresh copy of the family's tiny model (``text_layers`` decoder layers, ``vision_layers`` ViT layers) and
+    its processor."""
+    model, proc = _build(family, text_layers, vision_layers)
     return copy.deepcopy(model), proc
 
 

@@ -101,7 +101,8 @@ def prune(model: torch.nn.Module, config: PruneConfig | dict | None = None, *, m
         state.llm = LLMStages(adapter, config)
     try:
         if state.pre is not None:
-            adapter.attach(set(state.pre[1].requires) | set(state.pre[1].optional))
+            adapter.attach(set(state.pre[1].requires) | set(state.pre[1].optional),
+                           in_tower=state.pre[0].where == "vision")
         if state.llm is not None:
             state.llm.attach()
         state.handles.append(model.register_forward_pre_hook(_forward_pre_hook, with_kwargs=True))
@@ -387,9 +388,22 @@ def _prepare_generate(state: _State, c: calls.Call, kw: dict[str, Any]) -> dict[
                                         "no new image in this call")
             return new
         ids = kw.get("input_ids")
+        llm = session.llm if session is not None else None
+        if llm is not None and ids is not None and ids.shape[1] > cached:
+            first = llm["ids"]
+            if ids.shape[0] != first.shape[0] or ids.shape[1] < first.shape[1] \
+                    or not torch.equal(ids[:, : first.shape[1]], first.to(ids.device)):
+                raise ValueError(
+                    f"this past_key_values was filled by a pruned call whose prompt had shape {tuple(first.shape)}; "
+                    "vtprune continues it only when input_ids is the whole conversation so far (that prompt, then "
+                    f"every token after it), as transformers expects, got input_ids of shape {tuple(ids.shape)}. "
+                    "Start a new cache (past_key_values=None) for another prompt")
         if ids is not None and ids.shape[1] > cached:  # generate gets the whole sequence and feeds what is uncached
             ids = ids[:, cached:]
         _check_continuation(state, {"input_ids": ids}, cached)
+        if any(kw.get(k) is not None for k in state.adapter.encoder_keys):
+            # the images are all in the cache: re-encoding them would only make the model fail on zero image tokens
+            return {k: v for k, v in kw.items() if k not in state.adapter.encoder_keys}
         return None
     if state.pre is None:
         return None

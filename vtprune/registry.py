@@ -68,15 +68,17 @@ def register_selector(name: str, path: str) -> None:
 
 
 def run_selector(spec: SelectorSpec, features: Any, keep: int, **signals: Any) -> Any:
-    """Call a selector the way every caller must: without autograd, on detached tensors.
+    """Call a selector the way every caller must: scoring never records autograd history.
 
-    Selection is not differentiable. In a grad-enabled forward (fine-tuning with pruning) the adapter still gathers
-    the kept features from the live tensors, so they stay differentiable; only the scoring runs here.
+    Signals are detached. Inference (no grad, or features that need none) runs entirely under ``no_grad``. In a
+    grad-enabled forward (fine-tuning with pruning) the live features go in: every selector scores on detached
+    copies itself, and a merging selector (vflowopt) builds its summary tokens from the live features, so they stay
+    differentiable, as the gathered kept features do.
     """
     import torch
 
-    def plain(v: Any) -> Any:
-        return v.detach() if isinstance(v, torch.Tensor) else v
-
+    signals = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in signals.items()}
+    if torch.is_grad_enabled() and isinstance(features, torch.Tensor) and features.requires_grad:
+        return spec.fn(features, keep, **signals)
     with torch.no_grad():
-        return spec.fn(plain(features), keep, **{k: plain(v) for k, v in signals.items()})
+        return spec.fn(features.detach() if isinstance(features, torch.Tensor) else features, keep, **signals)

@@ -27,9 +27,34 @@ from ..selectors.flowcut import cut_amount, flow_score
 
 __all__ = ["Adapter", "ImageTokens", "cached_length", "flowcut_in_tower", "left_compact"]
 
-# the in-tower FlowCut run of the running context: its layer hooks act only for the call that installed them, so a
-# second thread running the same tower at the same time is not pruned by (or for) the first
-_TOWER_RUN: contextvars.ContextVar[object | None] = contextvars.ContextVar("vtprune_tower_run", default=None)
+# The in-tower FlowCut run of the running context, if any: (layers, before, after). The layer hooks are installed
+# once, at prune() time, and act only for the run of their own context, so a second thread running the same tower
+# at the same time is neither pruned by nor for the first (hooks registered per call would race with its forward).
+_TOWER_RUN: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("vtprune_tower_run", default=None)
+
+
+def _tower_pre_hook(i: int, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    run = _TOWER_RUN.get()
+    if run is None or run[0][i] is not module:
+        return None
+    return run[1](i, args, kwargs)
+
+
+def _tower_post_hook(i: int, module: torch.nn.Module, args: tuple, out: Any) -> Any:
+    run = _TOWER_RUN.get()
+    if run is None or run[0][i] is not module:
+        return None
+    return run[2](i, out)
+
+
+def install_tower_hooks(layers: torch.nn.ModuleList) -> list[Any]:
+    """The hooks FlowCut's in-tower loop acts through, on every layer of a vision tower (handles to remove)."""
+    handles = []
+    for i, layer in enumerate(layers):
+        if i > 0:
+            handles.append(layer.register_forward_pre_hook(functools.partial(_tower_pre_hook, i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(functools.partial(_tower_post_hook, i)))
+    return handles
 
 
 def left_compact(keep: torch.Tensor) -> torch.Tensor:
@@ -72,9 +97,10 @@ def flowcut_in_tower(adapter: Adapter, layers: Any, attention: Any, read: int, t
     ``layers[read]`` is the layer whose output is read; ``attention(i)`` is layer i's attention module (probed for
     ``flow_stats``). ``groups`` LongTensor[U, g]: the patches of each *unit*, which is kept or dropped whole (a
     patch: g = 1; InternVL: the 2×2 block that becomes one LLM token); a unit scores the sum of its patches.
-    ``target`` units survive. A pre-hook on layers 1..read drops units from the hidden states (the only per-token
-    input of these layers: no mask, no positions), kept patches staying in ascending order behind [CLS]. With
-    ``refill`` a hook on ``layers[read]`` scatters its output back onto the full patch grid (zeros where dropped),
+    ``target`` units survive. The pre-hooks of layers 1..read (installed at prune time by ``install_tower_hooks``)
+    drop units from the hidden states (the only per-token input of these layers: no mask, no positions), kept patches
+    staying in ascending order behind [CLS]. With ``refill`` the hook after ``layers[read]`` scatters its output
+    back onto the full patch grid (zeros where dropped),
     for towers whose feature path needs the whole grid (pixel shuffle). Returns (``run()``'s output, kept units
     LongTensor[target], ascending).
     """
@@ -83,13 +109,15 @@ def flowcut_in_tower(adapter: Adapter, layers: Any, attention: Any, read: int, t
     n_patches = groups.numel()
     state: dict[str, Any] = {"cum": None, "units": torch.arange(n_units, device=dev)}
     caps = [adapter.capture(attention(i), flow_stats) for i in range(read)]
-    run_id = object()
+    if not adapter.tower_hooked(layers):
+        raise RuntimeError("vtprune: the vision-tower hooks for in-tower pruning are not installed; call "
+                           "vtprune.unprune(model) and prune again")
 
     def current_patches() -> torch.Tensor:
         return groups[state["units"]].flatten().sort().values
 
-    def before(i: int, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
-        if _TOWER_RUN.get() is not run_id:
+    def before(i: int, args: tuple, kwargs: dict[str, Any]):
+        if not 1 <= i <= read:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         units = state["units"]
@@ -115,30 +143,23 @@ def flowcut_in_tower(adapter: Adapter, layers: Any, attention: Any, read: int, t
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    def after(module: torch.nn.Module, args: tuple, out: Any):
+    def after(i: int, out: Any):
         hidden = out[0] if isinstance(out, tuple) else out
-        if _TOWER_RUN.get() is not run_id or hidden.shape[1] == n_patches + 1:
+        if not refill or i != read or hidden.shape[1] == n_patches + 1:
             return None
         full = hidden.new_zeros(hidden.shape[0], n_patches + 1, hidden.shape[-1])
         full[:, 0] = hidden[:, 0]
         full[:, current_patches() + 1] = hidden[:, 1:]
         return (full, *out[1:]) if isinstance(out, tuple) else full
 
-    handles = []
-    token = _TOWER_RUN.set(run_id)
+    token = _TOWER_RUN.set((layers, before, after))
     try:
         with contextlib.ExitStack() as stack:
             for c in caps:
                 stack.enter_context(c)
-            for i in range(1, read + 1):
-                handles.append(layers[i].register_forward_pre_hook(functools.partial(before, i), with_kwargs=True))
-            if refill:
-                handles.append(layers[read].register_forward_hook(after))
             out = run()
     finally:
         _TOWER_RUN.reset(token)
-        for h in handles:
-            h.remove()
     return out, state["units"]
 
 
@@ -176,16 +197,35 @@ class Adapter:
                 "uniform"
             )
 
-    def attach(self, needs: set[str]) -> None:
-        """Install the vision-tower attention probe when a selector needs an attention signal (undone by detach).
+    def attach(self, needs: set[str], in_tower: bool = False) -> None:
+        """Install the vision-tower attention probe when a selector needs an attention signal, and the tower's layer
+        hooks for a stage that prunes inside it (undone by detach).
 
         Only the vision sub-config's implementation changes, to a wrapper that calls the same implementation.
         """
         if needs & {"cls_attention", "cls_logits", "vflow_importance", "flow_stats"}:
             self._saved_impl = self.model.config.vision_config._attn_implementation
             self.model.set_attn_implementation({"vision_config": probe_name(self._saved_impl or "sdpa")})
+        if in_tower:
+            self._tower_handles = install_tower_hooks(self.tower_layers())
+
+    def tower_layers(self) -> torch.nn.ModuleList:
+        """The vision tower's encoder layers (the layouts of the towers vtprune supports)."""
+        tower = getattr(getattr(self.model, "model", None), "vision_tower", None)
+        for path in ("vision_model.encoder.layers", "encoder.layers", "encoder.layer", "transformer.layers"):
+            mod: Any = tower
+            for part in path.split("."):
+                mod = getattr(mod, part, None)
+            if isinstance(mod, torch.nn.ModuleList):
+                return mod
+        raise ValueError(f"vtprune: cannot find the encoder layers of the vision tower of {type(self.model).__name__}")
+
+    def tower_hooked(self, layers: torch.nn.ModuleList) -> bool:
+        return bool(self.__dict__.get("_tower_handles")) and layers is self.tower_layers()
 
     def detach(self) -> None:
+        for h in self.__dict__.pop("_tower_handles", ()):
+            h.remove()
         if self._saved_impl is not None:
             # a choice the user made after prune() (set_attn_implementation) is theirs: restore only our probe
             if self.model.config.vision_config._attn_implementation == probe_name(self._saved_impl):
@@ -433,9 +473,9 @@ class Adapter:
         prompt ``orig_ids`` [B, L], the pruned prompt the language model consumed (``pruned_ids``, ``mask`` [B, L'],
         its ``positions`` and per-token type ids), and ``next_pos`` [B], the position after the prompt as the model
         saw it (None when the model built positions itself: its default, after the pruned cache, is then right)."""
+        if new["input_ids"] is kwargs["input_ids"]:  # nothing dropped (see _rewrite); equal lengths alone are not
+            return None  # enough: a batch row that lost tokens can leave the padded length unchanged
         orig_len, new_len = kwargs["input_ids"].shape[1], new["input_ids"].shape[1]
-        if orig_len == new_len:
-            return None
         pos = new.get("position_ids")
         return {"orig_ids": kwargs["input_ids"], "orig_len": orig_len, "new_len": new_len,
                 "pruned_ids": new["input_ids"], "mask": new["attention_mask"], "positions": pos,

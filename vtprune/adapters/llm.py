@@ -63,6 +63,7 @@ class Run:
     replay: dict[int, torch.Tensor] | None = None
     replay_len: int = 0
     first_ids: torch.Tensor | None = None
+    ids: torch.Tensor | None = None  # the prompt as the language model saw it
     captures: dict[tuple[int, str], Capture] = field(default_factory=dict)
     report: PruneReport | None = None
 
@@ -142,7 +143,7 @@ class LLMStages:
         is_img = input_ids == self.adapter.image_token_id()
         # image index of every LM-input position (one placeholder run = one image), -1 for text
         starts = is_img & ~torch.nn.functional.pad(is_img[:, :-1], (1, 0), value=False)
-        run = Run("prefill", lp=length, mask2d=attention_mask if attention_mask is not None
+        run = Run("prefill", lp=length, ids=input_ids, mask2d=attention_mask if attention_mask is not None
                   else torch.ones_like(input_ids), img=(starts.long().cumsum(1) - 1).masked_fill(~is_img, -1),
                   cur=torch.arange(length, device=input_ids.device).expand(b, length))
         first = c.llm_replay
@@ -180,7 +181,7 @@ class LLMStages:
         if run.stage_cur:
             if c.session is None:
                 c.session = Session()
-            c.session.llm = {"lp": run.lp, "stage_cur": dict(run.stage_cur)}
+            c.session.llm = {"lp": run.lp, "stage_cur": dict(run.stage_cur), "ids": run.ids}
         self._finish_report(run)
 
     # ---- layer hooks --------------------------------------------------------------------------------------------
