@@ -67,9 +67,9 @@ def tower_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def tower_tokens(model: torch.nn.Module, inputs: dict) -> int:
     """Tokens summed over the tower's layers and tiles in one forward (the work the tower does, device-free)."""
     seen: list[int] = []
-    # output hooks registered before vtprune's own: they see each layer's pruned sequence, not its refilled grid
+    # output hooks that run before vtprune's own (prepend): they see each layer's pruned sequence, not its refilled grid
     hooks = [m.register_forward_hook(lambda m, a, out: seen.append(
-        (out[0] if isinstance(out, tuple) else out).shape[:2].numel())) for m in tower_layers(model)]
+        (out[0] if isinstance(out, tuple) else out).shape[:2].numel()), prepend=True) for m in tower_layers(model)]
     try:
         with torch.no_grad():
             model(**inputs)
