@@ -259,30 +259,65 @@ def _layer_qkv(model, inputs, layer: int):
     return got
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
-def test_flowcut_llm_stage_scores_from_hand_computed_qkv(family):
-    """FlowCut's LLM stage keeps the top-k of (a/Σa + s/Σs)·‖v̄‖₁ over the image's tokens, with a = softmax(q_last·Kᵀ
-    ·scale) and s = softmax(v_last·Vᵀ·scale) (head means) and v̄ the head-mean value, all from layer K−1."""
-    model = _model(family)
-    inputs = batch(family, [0])
-    t = _layer_qkv(model, inputs, 1)
-    q, k, v = t["q"].float(), t["k"].float(), t["v"].float()
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    scale = t["scaling"] if t["scaling"] is not None else q.shape[-1] ** -0.5
-    a = torch.softmax(torch.einsum("hd,hld->hl", q[0, :, -1], k[0]) * scale, -1).mean(0)
-    sem = torch.softmax(torch.einsum("hd,hld->hl", v[0, :, -1], v[0]) * scale, -1).mean(0)
-    norm = v[0].mean(0).abs().sum(-1)
-    img = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
-    a, sem, norm = a[img], sem[img], norm[img]
+def _flowcut_reference(q, k, v, scale, img, keep, per_head: bool = True):
+    """FlowCut's LLM stage re-derived from SELECTORS.md §6.5 / the reference (``modeling_llama_flowcut.py``): for the
+    last prompt token, per head, softmax(q·Kᵀ·scale) and softmax(v·Vᵀ·scale) over the *visual* keys only, then the
+    head mean; score (a/Σa + s/Σs)·‖mean_h v‖₁; top-keep, ascending. ``per_head=False`` is vtprune's former math
+    (softmax over all keys, head mean, then the image span), kept to show the test tells them apart."""
+    qh, kh, vh = q[:, -1], k, v  # [H, d], [H, L, d], [H, L, d]
+    if per_head:
+        a = torch.softmax(torch.einsum("hd,hld->hl", qh, kh[:, img]) * scale, -1).mean(0)
+        sem = torch.softmax(torch.einsum("hd,hld->hl", vh[:, -1], vh[:, img]) * scale, -1).mean(0)
+    else:
+        a = torch.softmax(torch.einsum("hd,hld->hl", qh, kh) * scale, -1).mean(0)[img]
+        sem = torch.softmax(torch.einsum("hd,hld->hl", vh[:, -1], vh) * scale, -1).mean(0)[img]
+    norm = vh[:, img].mean(0).abs().sum(-1)
     f = (a / a.sum() + sem / sem.sum()) * norm
-    expect = f.topk(4).indices.sort().values
-    vtprune.prune(model, method="flowcut", keep=4, layer=2)
-    with torch.no_grad():
-        model(**inputs)
-    entry = vtprune.last_report(model).images[0]
-    assert entry.stage == "llm:2" and "flow_stats" in entry.signal
-    assert torch.equal(entry.kept, expect)
+    return f.topk(keep).indices.sort().values
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flowcut_llm_stage_matches_the_reference_math(family):
+    """Kept sets equal the reference's on fixed inputs: 3 samples (each alone, no padding) × up to 3 budgets."""
+    model = _model(family)
+    for sample in range(3):
+        inputs = batch(family, [sample])
+        t = _layer_qkv(model, inputs, 1)
+        q, k, v = t["q"].float()[0], t["k"].float()[0], t["v"].float()[0]
+        rep = q.shape[0] // k.shape[0]
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        scale = t["scaling"] if t["scaling"] is not None else q.shape[-1] ** -0.5
+        img = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+        for keep in (2, 3, 5):
+            if keep >= img.numel():
+                continue
+            pruned = copy.deepcopy(model)
+            vtprune.prune(pruned, method="flowcut", keep=keep, layer=2)
+            with torch.no_grad():
+                pruned(**inputs)
+            entry = vtprune.last_report(pruned).images[0]
+            assert entry.stage == "llm:2" and "flow_stats" in entry.signal
+            assert torch.equal(entry.kept, _flowcut_reference(q, k, v, scale, img, keep)), (sample, keep)
+
+
+def test_flowcut_llm_signal_normalises_each_head_over_the_image():
+    """The probe's statistics are the reference's (per-head softmax over the image's keys, then the head mean), not
+    the head mean of a softmax over every key: on inputs where heads put different mass on the text, the two rank
+    the image's tokens differently, and vtprune's equals the reference's."""
+    from vtprune.probes import flow_stats_over, last_flow_logits
+    from vtprune.selectors.flowcut import flow_score
+
+    g = torch.Generator().manual_seed(1)  # a fixed input on which the two rankings differ (seed 0's agree)
+    h, n_txt, n_img, d = 4, 6, 12, 8
+    q = torch.randn(1, h, n_txt + n_img, d, generator=g)
+    k = torch.randn(1, h, n_txt + n_img, d, generator=g)
+    k[0, 0, : n_txt - 1] = 3 * q[0, 0, -1]  # head 0 spends nearly all its attention on the text
+    v = torch.randn(1, h, n_txt + n_img, d, generator=g)
+    img = torch.arange(n_txt - 1, n_txt - 1 + n_img)  # the image sits between the text and the last (query) token
+    logits = last_flow_logits(q, k, v, None, d ** -0.5, {})
+    ours = flow_score(flow_stats_over(logits[..., img])).topk(5).indices.sort().values[0]
+    assert torch.equal(ours, _flowcut_reference(q[0], k[0], v[0], d ** -0.5, img, 5))
+    assert not torch.equal(ours, _flowcut_reference(q[0], k[0], v[0], d ** -0.5, img, 5, per_head=False))
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next"])

@@ -174,13 +174,24 @@ def flow_stats(query, key, value, attention_mask, scaling, kwargs) -> torch.Tens
     return torch.stack([a, sem, norm], 1)
 
 
-def last_flow_stats(query, key, value, attention_mask, scaling, kwargs) -> torch.Tensor:
-    """FlowCut's LLM-stage statistics from the last query (the last prompt token under left padding): [B, 3, L] =
-    (softmax(q_last·Kᵀ/√d), head mean; softmax(v_last·Vᵀ/√d), head mean; ‖mean_h v_j‖₁), padding masked."""
-    mask = attention_mask[:, :, -1:, : key.shape[-2]] if attention_mask is not None and attention_mask.dim() == 4 \
-        else None
-    a = _probs(query[:, :, -1:], key, scaling, mask)[:, :, 0].mean(1)
-    sem = _probs(value[:, :, -1:], value, scaling, mask)[:, :, 0].mean(1)
-    norm = value.float().mean(1).abs().sum(-1)
-    return torch.stack([a, sem, norm], 1)
+def last_flow_logits(query, key, value, attention_mask, scaling, kwargs) -> torch.Tensor:
+    """FlowCut's LLM-stage inputs from the last query (the last prompt token under left padding): [B, 2H + 1, L] =
+    per-head scaled logits q_last·kᵀ (rows 0..H−1), per-head scaled v_last·vᵀ (rows H..2H−1) and ‖mean_h v_j‖₁ (the
+    last row). The reference takes each softmax over the visual keys only, per head, before the head mean: that
+    happens per image in ``flow_stats_over``, once the image's positions are known."""
+    q, k, v = query[:, :, -1:].float(), key.float(), value.float()
+    h = q.shape[1]
+    if k.shape[1] != h:  # grouped KV heads: every query head reads its group's keys and values
+        k, v = k.repeat_interleave(h // k.shape[1], dim=1), v.repeat_interleave(h // v.shape[1], dim=1)
+    rel = torch.matmul(q, k.transpose(-1, -2))[:, :, 0] * scaling
+    sem = torch.matmul(v[:, :, -1:], v.transpose(-1, -2))[:, :, 0] * scaling
+    return torch.cat([rel, sem, v.mean(1).abs().sum(-1)[:, None]], 1)
 
+
+def flow_stats_over(logits: torch.Tensor) -> torch.Tensor:
+    """``last_flow_logits`` restricted to one image's tokens ([..., 2H + 1, n]) -> FlowCut's ``flow_stats``
+    [..., 3, n]: softmax over those n keys per head, then the head mean (relation, semantic), and the value norm."""
+    h = (logits.shape[-2] - 1) // 2
+    rel = torch.softmax(logits[..., :h, :], dim=-1).mean(-2)
+    sem = torch.softmax(logits[..., h:2 * h, :], dim=-1).mean(-2)
+    return torch.stack([rel, sem, logits[..., -1, :]], -2)

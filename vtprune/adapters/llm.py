@@ -29,13 +29,15 @@ import torch
 from ..call import Session, current, repeat_rows
 from ..config import PruneConfig, StageSpec
 from ..kernels import gather_tokens
-from ..probes import Capture, last_flow_stats, last_row, probe_name
+from ..probes import Capture, flow_stats_over, last_flow_logits, last_row, probe_name
 from ..registry import get_selector, run_selector
 from ..report import ImageReport, PruneReport, Timer, prefill_flops
 from .base import left_compact
 
 #: selector signals an llm:K stage can provide, each read from layer K−1's attention call (last prompt token)
-LLM_SIGNALS = {"text_attention": last_row, "flow_stats": last_flow_stats}
+LLM_SIGNALS = {"text_attention": last_row, "flow_stats": last_flow_logits}
+#: per-image finishing of a captured row, once the image's positions are known (FlowCut normalises over them)
+SIGNAL_OVER_IMAGE = {"flow_stats": flow_stats_over}
 SIGNAL_NAMES = {"text_attention": "text_attention(last prompt token", "flow_stats": "flow_stats(last prompt token's "
                 "query and value"}
 
@@ -268,6 +270,8 @@ class LLMStages:
                     signals: dict[str, Any] = {"seed": torch.tensor([self.seed * 1_000_003 + j])}
                     for r, row in rows.items():
                         signals[r] = row[bi][..., pos][None]
+                        if r in SIGNAL_OVER_IMAGE:
+                            signals[r] = SIGNAL_OVER_IMAGE[r](signals[r])
                     sel = run_selector(spec, hidden[bi, pos][None], k, **stage.options, **signals)[0]
                     keep[bi, pos[sel[sel >= 0]]] = True
         self._stage_entries(run, stage, spec, img, keep, timer)
