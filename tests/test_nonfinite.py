@@ -11,7 +11,7 @@ import torch
 import vtprune
 from tests.test_holov_globalcom2 import anyres
 from vtprune.registry import get_selector
-from vtprune.selectors.base import rank_desc, topk_sorted
+from vtprune.selectors.base import SIGNALS, rank_desc, topk_sorted
 
 B = 2
 GRID = (4, 4)
@@ -22,26 +22,32 @@ NONFINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
 FULL_GRID_ONLY = {"uniform", "vflowopt"}
 
 
+OPTIONS = {"holov": {"crops": 4}, "atp": {"mass": 0.5}}  # 4 crops of the 4x4 grid; a mass that varies counts
+
+
 def case(method: str) -> tuple[torch.Tensor, dict]:
-    """(features [B, N', D], signals) with every signal ``method`` requires (and its optional grid)."""
+    """(features [B, N', D], signals) with every signal ``method`` requires, its optional grid and a few options.
+
+    Signals are built from their declared kind (``SIGNALS``), so a selector that switches to another attention
+    signal is still covered: every ``FloatTensor[B, N]`` signal is a row of attention probabilities."""
     gen = torch.Generator().manual_seed(7)
+    spec = get_selector(method)
     if method == "globalcom2":
         n, sig, _ = anyres(random.Random(3), gen, b=B)
         return torch.randn(B, n, 8, generator=gen), dict(sig)
     feats = torch.randn(B, N, 8, generator=gen)
-    att = torch.rand(B, N, generator=gen).softmax(-1)
-    signals = {
-        "fastervlm": {"cls_attention": att},
-        "holov": {"cls_attention": att, "grid": GRID, "crops": 4},
-        "fastv": {"text_attention": att},
-        "pdrop": {"text_attention": att},
-        "atp": {"text_attention": att, "mass": 0.5},
-        "vflowopt": {"vflow_importance": att, "grid": GRID},
-        "flowcut": {"flow_stats": torch.rand(B, 3, N, generator=gen)},
-        "uniform": {"grid": GRID},
-        "random": {"seed": 3},
-        "divprune": {},
-    }[method]
+    signals: dict = dict(OPTIONS.get(method, {}))
+    for name in (*spec.requires, *(s for s in spec.optional if s in ("grid", "seed"))):
+        if name == "grid":
+            signals[name] = GRID
+        elif name == "seed":
+            signals[name] = 3
+        elif name == "flow_stats":
+            signals[name] = torch.rand(B, 3, N, generator=gen)
+        elif SIGNALS[name].startswith("FloatTensor[B, N]"):
+            signals[name] = torch.rand(B, N, generator=gen).softmax(-1)
+        else:
+            raise AssertionError(f"no test input for signal {name!r} of {method}")
     return feats, signals
 
 
