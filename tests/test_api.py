@@ -152,7 +152,8 @@ def test_select_tokens_runs_each_method():
     for m in vtprune.list_methods():
         if m == "globalcom2":  # needs a thumbnail + crops layout: covered in tests/test_holov_globalcom2.py
             continue
-        idx = vtprune.select_tokens(m, f, keep=5, cls_attention=a, text_attention=a, vflow_importance=a, grid=(4, 4),
+        idx = vtprune.select_tokens(m, f, keep=5, cls_attention=a, text_attention=a, layer_attention=a,
+                                    vflow_importance=a, grid=(4, 4),
                                     flow_stats=torch.rand(2, 3, 16))
         # a LongTensor for every method, merging ones too (the README's promise); vflowopt's merged tokens come with
         # a pruned model's forward

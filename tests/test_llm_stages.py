@@ -350,3 +350,36 @@ def test_flowcut_on_llava_still_prunes_inside_the_vit():
     with torch.no_grad():
         model(**batch("llava", [0]))
     assert {e.stage for e in vtprune.last_report(model).images} == {"vision"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pdrop_scores_with_the_boundary_layers_own_projections(family):
+    """PyramidDrop (SELECTORS.md §7.4, invariant 2): a boundary at layer K is scored with layer K's own input norm,
+    q/k projections and RoPE on the hidden states entering it — the last prompt token's softmax over all keys
+    (causal), head mean, cut to the image — not with layer K−1's attention. Re-derived test-side from layer K's q/k
+    in an eager run; 3 samples × 2 budgets, and the former signal (layer K−1) must disagree somewhere."""
+    model = _model(family)
+    former_differs = 0
+    for sample in range(3):
+        inputs = batch(family, [sample])
+        img = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+        own, before = (_layer_qkv(model, inputs, k) for k in (1, 0))
+        rows = []
+        for t in (own, before):
+            q, k = t["q"].float()[0], t["k"].float()[0]
+            k = k.repeat_interleave(q.shape[0] // k.shape[0], 0)
+            scale = t["scaling"] if t["scaling"] is not None else q.shape[-1] ** -0.5
+            rows.append(torch.softmax(torch.einsum("hd,hld->hl", q[:, -1], k) * scale, -1).mean(0)[img])
+        for keep in (2, 4):
+            if keep >= img.numel():
+                continue
+            expect = rows[0].topk(keep).indices.sort().values
+            former_differs += not torch.equal(expect, rows[1].topk(keep).indices.sort().values)
+            pruned = copy.deepcopy(model)
+            vtprune.prune(pruned, method="pdrop", keep=keep, layer=1)
+            with torch.no_grad():
+                pruned(**inputs)
+            entry = vtprune.last_report(pruned).images[0]
+            assert entry.stage == "llm:1" and "layer_attention" in entry.signal
+            assert torch.equal(entry.kept, expect), (sample, keep)
+    assert former_differs > 0

@@ -111,8 +111,10 @@ def _make_probe(base: str) -> Callable:
             scaling = kwargs.get("scaling", query.shape[-1] ** -0.5)
             with torch.no_grad():
                 q, k, v = query.detach(), key.detach(), value.detach()
-                for reducer, results in entries:
+                for reducer, results, _ in entries:
                     results.append(reducer(q, k, v, attention_mask, scaling, kwargs))
+            if any(stop for _, _, stop in entries):
+                raise ProbeStop  # a scoring-only call: the signal is read, the attention itself is not needed
         return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
 
     return probe
@@ -134,20 +136,27 @@ def probe_name(base: str) -> str:
     return name
 
 
+class ProbeStop(Exception):
+    """Raised by the probe of a ``Capture(..., stop=True)`` once its signal is read (caught by the caller)."""
+
+
 class Capture:
     """Arm ``module`` for the calls inside the block: ``with Capture(attn, cls_row) as c: ...; c.results``.
 
     ``results`` holds one reduced tensor per call of the module's attention function (some towers call it once per
     image); it is empty if the probe never fired (the attention implementation was changed behind vtprune's back).
+    ``stop=True``: the probe raises ``ProbeStop`` after reading, so a call made only to score (PyramidDrop's layer
+    before it runs) skips the attention itself.
     """
 
-    def __init__(self, module: torch.nn.Module, reducer: Callable):
-        self.module, self.reducer = module, reducer
+    def __init__(self, module: torch.nn.Module, reducer: Callable, stop: bool = False):
+        self.module, self.reducer, self.stop = module, reducer, stop
         self.results: list[torch.Tensor] = []
 
     def __enter__(self) -> Capture:
         armed = dict(_ARMED.get() or {})
-        armed[self.module] = (*armed.get(self.module, ()), (self.reducer, self.results))  # several signals, one layer
+        entry = (self.reducer, self.results, self.stop)
+        armed[self.module] = (*armed.get(self.module, ()), entry)  # several signals may read one layer
         self._token = _ARMED.set(armed)
         return self
 

@@ -29,7 +29,7 @@ import torch
 from ..call import Session, current, repeat_rows
 from ..config import PruneConfig, StageSpec
 from ..kernels import gather_tokens
-from ..probes import Capture, flow_stats_over, last_flow_logits, last_row, probe_name
+from ..probes import Capture, ProbeStop, flow_stats_over, last_flow_logits, last_row, probe_name
 from ..registry import get_selector, run_selector
 from ..report import ImageReport, PruneReport, Timer, prefill_flops
 from .base import left_compact
@@ -38,7 +38,11 @@ from .base import left_compact
 LLM_SIGNALS = {"text_attention": last_row, "flow_stats": last_flow_logits}
 #: per-image finishing of a captured row, once the image's positions are known (FlowCut normalises over them)
 SIGNAL_OVER_IMAGE = {"flow_stats": flow_stats_over}
-SIGNAL_NAMES = {"text_attention": "text_attention(last prompt token", "flow_stats": "flow_stats(last prompt token's "
+#: selector signals read from the stage layer K itself before it runs: its own input norm, q/k projections and RoPE
+#: on the hidden states entering it (PyramidDrop), the last prompt token's row
+STAGE_SIGNALS = {"layer_attention": last_row}
+SIGNAL_NAMES = {"text_attention": "text_attention(last prompt token", "layer_attention": "layer_attention(last "
+                "prompt token, the stage layer's own projections", "flow_stats": "flow_stats(last prompt token's "
                 "query and value"}
 
 
@@ -83,6 +87,7 @@ class LLMStages:
         # (layer, signal) pairs to capture: layer K-1 for every stage at K whose selector needs an LLM signal
         self.probes = sorted({(s.layer - 1, r) for s, spec in self.stages for r in spec.requires if r in LLM_SIGNALS})
         self.probe_layers = sorted({layer for layer, _ in self.probes})
+        self.scores_own_layer = any(r in STAGE_SIGNALS for _, spec in self.stages for r in spec.requires)
         self.handles: list[Any] = []
         self._saved_impl: str | None = None
 
@@ -93,7 +98,11 @@ class LLMStages:
         if types and len(set(types)) > 1:
             raise ValueError(f"in-LLM stages need one attention type in every decoder layer; this model mixes "
                              f"{sorted(set(types))}")
-        if self.probe_layers:
+        if self.scores_own_layer and not all(hasattr(self.layers[s.layer], "input_layernorm")
+                                             for s, _ in self.stages):
+            raise ValueError("scoring a stage with its own layer's projections needs decoder layers with an "
+                             "input_layernorm (Llama / Qwen-style); this language model has none")
+        if self.probe_layers or self.scores_own_layer:
             self._saved_impl = text_cfg._attn_implementation
             if self._saved_impl not in ("sdpa", "eager"):
                 raise ValueError(f"in-LLM stages support language models on 'sdpa' or 'eager' attention, got "
@@ -227,7 +236,7 @@ class LLMStages:
                          .expand(b, -1).contiguous())
             src = inv.gather(1, target.masked_fill(target < 0, run.lp)).masked_fill(target < 0, -1)
         else:
-            src = self._select(run, s, stage, spec, hidden)
+            src = self._select(run, s, stage, spec, hidden, kwargs)
         pad = src < 0
         idx = src.clamp(min=0)
         new_cur = cur.gather(1, idx).masked_fill(pad, -1)
@@ -243,13 +252,33 @@ class LLMStages:
         run.sub = sub
         return gather_tokens(hidden, idx)
 
-    def _select(self, run: Run, s: int, stage: StageSpec, spec: Any, hidden: torch.Tensor) -> torch.Tensor:
+    def _own_layer_row(self, layer: int, reducer: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """``reducer``'s row from decoder layer ``layer``'s attention run on the hidden states entering it: its input
+        norm, q/k/v projections and rotary embedding (the model's own code, whatever the family), stopped at the
+        attention function. No cache is passed, so nothing is written to the KV cache."""
+        dec = self.layers[layer]
+        cap = Capture(dec.self_attn, reducer, stop=True)
+        with torch.no_grad(), cap:
+            try:
+                dec.self_attn(hidden_states=dec.input_layernorm(hidden), attention_mask=kwargs.get("attention_mask"),
+                              position_embeddings=kwargs["position_embeddings"],
+                              position_ids=kwargs.get("position_ids"))
+            except ProbeStop:
+                pass
+        if not cap.results:
+            raise RuntimeError("vtprune: the language-model attention probe did not fire; the attention "
+                               "implementation was changed after prune — unprune and prune again")
+        return cap.results[-1]
+
+    def _select(self, run: Run, s: int, stage: StageSpec, spec: Any, hidden: torch.Tensor,
+                kwargs: dict[str, Any]) -> torch.Tensor:
         """Kept positions of the current sequence after stage s (text and the caller's padding always kept)."""
         cur, b = run.cur, run.cur.shape[0]
         valid = cur >= 0
         img = run.img.gather(1, cur.clamp(min=0)).masked_fill(~valid, -1)
         keep = valid & (img < 0)
-        rows: dict[str, torch.Tensor] = {}
+        rows: dict[str, torch.Tensor] = {r: self._own_layer_row(stage.layer, STAGE_SIGNALS[r], hidden, kwargs)
+                                         for r in spec.requires if r in STAGE_SIGNALS}
         for r in (r for r in spec.requires if r in LLM_SIGNALS):
             res = run.captures[(stage.layer - 1, r)].results
             if not res:
@@ -354,7 +383,8 @@ class LLMStages:
                 entries.append(ImageReport(
                     sample=bi, image=j, kept=torch.searchsorted(first_pos, kept_lm), n_before=int(here.sum()),
                     method=spec.name, stage=stage.where, signal=", ".join(
-                        f"{SIGNAL_NAMES[r]}, layer {stage.layer - 1})" for r in spec.requires if r in LLM_SIGNALS),
+                        f"{SIGNAL_NAMES[r]}, layer {stage.layer - (r in LLM_SIGNALS)})" for r in spec.requires
+                        if r in LLM_SIGNALS or r in STAGE_SIGNALS),
                     _timer=timer))
         for e in entries:
             e._share = len(entries)

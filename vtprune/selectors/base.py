@@ -31,6 +31,12 @@ SIGNALS: dict[str, str] = {
     "coords": "FloatTensor[B, N, 2]: each token's patch-centre (y, x) in the whole image, in [0, 1)",
     "vflow_importance": "FloatTensor[B, N]: attention received from the image's global tokens (VFlowOpt)",
     "flow_stats": "FloatTensor[B, 3, N]: [CLS] attention, [CLS]-value softmax and value L1 norm (FlowCut)",
+    "layer_attention": "FloatTensor[B, N]: head-mean attention of the last prompt token over the visual tokens, "
+                       "computed with the stage layer's own input norm, q/k projections and RoPE (PyramidDrop)",
+    "subimage_rank": "LongTensor[B, N]: rank (0 = highest, ties to the lower patch index) of the token's "
+                     "cls_attention among all patches of its sub-image before unpadding removed any",
+    "crop_grid": "LongTensor[B, N, 2]: the image's crop grid (rows, cols) on every token, (0, 0) without crops; "
+                 "crop id = 1 + r·cols + c",
 }
 
 

@@ -3,9 +3,10 @@
 
 Default schedule: boundaries at 1/4, 1/2 and 3/4 of the depth with ratios 0.5, 0.25, 0.125 (LLaVA-1.5-7B:
 layers 8/16/24; on a shallow model boundaries that land on one layer merge into one stage with the later ratio, see
-:func:`vtprune.config.expand_schedule`). Deviation from the reference, on purpose: the score is the last token's
-attention row in the layer just before each boundary (the same probe as FastV), not a re-projection with the next
-layer's weights, so no projection runs outside the model's own attention.
+:func:`vtprune.config.expand_schedule`). As in the reference, a boundary at layer K is scored with layer K's *own*
+input norm, q/k projections and RoPE applied to the hidden states entering it: the last prompt token's attention
+over every token (softmax over all keys, causal), head mean, cut to the image (signal ``layer_attention``; the
+adapter runs layer K's attention module up to its attention function and reads one query row there).
 
 Option ``schedule``: ``None`` (the default above) or a list of ``(layer: int ≥ 1, ratio in (0, 1])`` pairs with
 strictly increasing layers and non-increasing ratios (checked by ``prune()``; layers past the model's last one are
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import SelectorSpec, option_schedule
-from .fastv import fastv_select
+import torch
+
+from .base import SelectorSpec, check_inputs, check_signal, detached, option_schedule, topk_sorted
 
 
 def check_options(options: dict[str, Any]) -> None:
@@ -27,7 +29,17 @@ def check_options(options: dict[str, Any]) -> None:
         option_schedule("pdrop", "schedule", options["schedule"])
 
 
-SPEC = SelectorSpec(name="pdrop", fn=fastv_select, requires=("text_attention",), stages=("llm",), text_guided=True,
+def pdrop_select(features: torch.Tensor, keep: int, *, valid_mask: torch.Tensor | None = None,
+                 layer_attention: torch.Tensor | None = None, **signals: Any) -> torch.Tensor:
+    """features [B, N, D], layer_attention [B, N] -> LongTensor[B, keep]: top-``keep`` by the boundary layer's own
+    last-token attention, ascending (ties to the lower index)."""
+    check_inputs("pdrop", features, keep, valid_mask)
+    check_signal("pdrop", "layer_attention", layer_attention, tuple(features.shape[:2]))
+    return topk_sorted(detached(layer_attention), keep, valid_mask).to(features.device)
+
+
+SPEC = SelectorSpec(name="pdrop", fn=pdrop_select, requires=("layer_attention",), stages=("llm",), text_guided=True,
                     options={"schedule": None}, schedule=((0.25, 0.5), (0.5, 0.25), (0.75, 0.125)),
                     check_options=check_options,
-                    description="PyramidDrop-style schedule of last-token-attention stages")
+                    description="PyramidDrop: schedule of stages scored by each boundary layer's own last-token "
+                                "attention")
