@@ -93,10 +93,9 @@ def assert_contract(idx: torch.Tensor, keep: int, n: int, valid_mask: torch.Tens
             assert bool(valid_mask[r, real].all()), f"kept a masked-out token: {row.tolist()}"
 
 
-# globalcom2 (selectors/globalcom2.py, owned and being changed elsewhere) does not hold yet: a NaN / +inf cls_logit
-# raises "cannot convert float NaN to integer" in its quotas, a non-finite coord "not a regular grid". Reported to
-# its owner; these two signals join the cases once that file handles them.
-PENDING = {("globalcom2", "cls_logits"), ("globalcom2", "coords")}
+# globalcom2's coords are the layout's patch centres (never computed from pixels): a non-finite coord is a malformed
+# signal and raises a ValueError naming it (test_globalcom2_refuses_non_finite_coords), not a contract case.
+PENDING = {("globalcom2", "coords")}
 CASES = [(m, t, v, masked) for m in vtprune.list_methods() for t in float_targets(m) if (m, t) not in PENDING
          for v in NONFINITE for masked in (False, True)]
 
@@ -265,3 +264,11 @@ def test_selector_fn_accepts_inputs_that_require_grad(method):
         assert torch.equal(got[1].detach(), plain[1])
     else:
         assert torch.equal(got, plain)
+
+
+def test_globalcom2_refuses_non_finite_coords():
+    feats, signals = case("globalcom2")
+    signals["coords"] = signals["coords"].clone()
+    signals["coords"][0, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="coords' must be finite"):
+        vtprune.select_tokens("globalcom2", feats, 4, **signals)

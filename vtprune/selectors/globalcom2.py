@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import SelectorSpec, check_inputs, check_signal
+from .base import SelectorSpec, check_inputs, check_signal, detached
 from .holov import group_topk
 
 NAME = "globalcom2"
@@ -373,12 +373,20 @@ def globalcom2_select(
                          f"got {crop_ids.dtype}")
     if not coords.dtype.is_floating_point:
         raise ValueError(f"{NAME}: signal 'coords' must be a float tensor, got {coords.dtype}")
+    if not bool(torch.isfinite(coords).all()):  # patch centres come from the layout, never from pixel values
+        raise ValueError(f"{NAME}: signal 'coords' must be finite (patch centres in [0, 1)), got non-finite values")
     if crop_grid is not None and (not isinstance(crop_grid, torch.Tensor) or tuple(crop_grid.shape) != (b, n, 2)):
         shape = tuple(crop_grid.shape) if isinstance(crop_grid, torch.Tensor) else type(crop_grid).__name__
         raise ValueError(f"{NAME}: signal 'crop_grid' must be a tensor of shape {(b, n, 2)}, got {shape}")
     dev = features.device
     if keep == n:
         return torch.arange(n, device=dev).expand(b, n).clone()
+    # Non-finite logits are "unknown": for the crop masses and the thumbnail map they take the row's lowest finite
+    # logit (no signal there), and such tokens rank after every finite one in their group (NaN score).
+    raw = detached(cls_logits).float()
+    known = torch.isfinite(raw)
+    floor = raw.masked_fill(~known, float("inf")).amin(-1, keepdim=True)
+    logits = torch.where(known, raw, torch.where(torch.isfinite(floor), floor, 0.0))
     rows = []
     for r in range(b):  # crop layouts differ per image; the geometry and the integer budget are per row anyway
         ids_r = crop_ids[r].to(dev)
@@ -387,11 +395,12 @@ def globalcom2_select(
             raise _no_crops_error()
         n_valid = int(valid.sum())
         ratio = keep / n_valid
-        cr = globalcom2_crop_ratios(cls_logits[r], coords[r], ids_r, ratio, tau=tau,
+        cr = globalcom2_crop_ratios(logits[r], coords[r], ids_r, ratio, tau=tau,
                                     crop_grid=None if crop_grid is None else crop_grid[r])
         counts = torch.bincount(ids_r[valid], minlength=max(cr.ids) + 1).tolist()
         quotas = globalcom2_quotas(counts[0], [counts[c] for c in cr.ids], ratio, cr.ratios.tolist(), keep)
-        score = crop_token_scores(cls_logits[r].to(dev), coords[r], ids_r, cr.ids, valid)
+        score = crop_token_scores(logits[r].to(dev), coords[r], ids_r, cr.ids, valid)
+        score = score.masked_fill(~known[r].to(dev), float("nan"))
         # group 0 = thumbnail, group k + 1 = k-th crop id; invalid tokens -1 (never kept)
         lookup = torch.full((max(cr.ids) + 1,), -1, dtype=torch.long, device=dev)
         lookup[0] = 0
