@@ -1,26 +1,26 @@
-"""Prune a LLaVA model's visual tokens with one call, compare with the unpruned model, undo.
+"""Prune the shipped demo LLaVA's visual tokens with one call, compare with the unpruned model, undo.
 
-Runs offline on a tiny model built from a config; swap in `AutoModelForImageTextToText.from_pretrained(...)` and
-`AutoProcessor.from_pretrained(...)` for a real checkpoint.
+Runs offline on the small model the project trains and ships; for a real checkpoint use
+`AutoModelForImageTextToText.from_pretrained(...)` and `AutoProcessor.from_pretrained(...)` instead of
+`vtprune.demo_model(...)`. Plain user code: no torch.no_grad() needed, generate's own options work as usual.
 """
 
-import torch
-
 import vtprune
-from vtprune.cli import scene
-from vtprune.testing import tiny_llava
+from vtprune import synth
+from vtprune.demo_models import build_prompt
 
-model, processor = tiny_llava("llava", image_size=336)
-inputs = processor(images=[scene()], text=["USER: <image>\nWhat colour is the circle? ASSISTANT:"],
-                   return_tensors="pt")
+model, processor = vtprune.demo_model("llava")
+item = synth.item("heldout", 0)
+inputs = processor(images=[item.image], text=[build_prompt("llava", item.qa.question)], return_tensors="pt")
 
-vtprune.prune(model, method="fastervlm", keep=64)
-with torch.no_grad():
-    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    with vtprune.disabled(model):  # A/B in the same process
-        ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+vtprune.prune(model, method="divprune", keep=32)  # 256 -> 32 visual tokens per image
+out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+with vtprune.disabled(model):  # A/B in the same process
+    ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)
 n_in = inputs["input_ids"].shape[1]
-print("pruned  :", out[0, n_in:].tolist())
-print("unpruned:", ref[0, n_in:].tolist())
+decode = processor.tokenizer.decode
+print("question:", item.qa.question, "| expected:", item.qa.answer)
+print("pruned  :", decode(out[0, n_in:], skip_special_tokens=True))
+print("unpruned:", decode(ref[0, n_in:], skip_special_tokens=True))
 print(vtprune.last_report(model))
 vtprune.unprune(model)

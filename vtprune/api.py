@@ -179,9 +179,9 @@ def _enabled(state: _State) -> bool:
 
 
 def last_report(model: torch.nn.Module) -> PruneReport | None:
-    """Report of this thread's latest call of ``model``: ``None`` if that call pruned nothing (no images, a
-    disabled block, nothing to drop). Decode steps continuing a pruned prefill keep the prefill's report. Per thread:
-    a thread never sees another thread's report."""
+    """Report of this thread's latest call of ``model``: ``None`` if that call pruned nothing (no images, nothing to
+    drop). Decode steps continuing a pruned prefill keep the prefill's report; calls inside ``disabled()`` are not
+    vtprune's and leave it as it was. Per thread: a thread never sees another thread's report."""
     state = _state(model)
     if state is None:
         raise ValueError("model is not pruned by vtprune; call vtprune.prune(model, ...) first")
