@@ -138,13 +138,20 @@ def test_deepcopy_and_two_threads(family, method):
         assert torch.equal(model(**inputs).logits, ref)  # the original is still pruned
     assert vtprune.is_pruned(model) and not vtprune.is_pruned(twin)
 
+    # two threads at once on one model: one runs forwards on this batch, the other generates for another prompt
+    other = batch(family, [2])
+    other_ids = model.generate(**other, **gen)
+    other_kept = [im.kept for im in vtprune.last_report(model).images]
     results: dict = {}
 
     def work(t: int) -> None:
         for r in range(3):
-            with torch.no_grad():
-                logits = model(**inputs).logits
-            results[(t, r)] = (logits, [im.kept for im in vtprune.last_report(model).images])
+            if t == 0:
+                with torch.no_grad():
+                    out = model(**inputs).logits
+            else:
+                out = model.generate(**other, **gen)
+            results[(t, r)] = (out, [im.kept for im in vtprune.last_report(model).images])
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
     for t in threads:
@@ -152,9 +159,9 @@ def test_deepcopy_and_two_threads(family, method):
     for t in threads:
         t.join()
     assert len(results) == 6
-    for logits, kept in results.values():
-        assert torch.equal(logits, ref)
-        assert all(torch.equal(a, b) for a, b in zip(kept, ref_kept, strict=True))
+    for (t, _), (out, kept) in results.items():
+        assert torch.equal(out, ref if t == 0 else other_ids)
+        assert all(torch.equal(a, b) for a, b in zip(kept, ref_kept if t == 0 else other_kept, strict=True))
 
 
 @pytest.mark.parametrize("family,method", CASES)
