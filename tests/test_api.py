@@ -36,8 +36,9 @@ BAD_PRUNE = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,words", BAD_PRUNE)
-def test_bad_prune_arguments_raise_and_leave_model_untouched(kwargs, words):
+def assert_prune_refused(kwargs: dict, words: list[str]) -> None:
+    """prune(**kwargs) on a fresh tiny LLaVA raises a ValueError holding every one of ``words``, and the model is
+    left exactly as it was."""
     model, _ = model_and_processor("llava")
     hooks = dict(model._forward_pre_hooks)
     with pytest.raises(ValueError) as e:
@@ -45,6 +46,11 @@ def test_bad_prune_arguments_raise_and_leave_model_untouched(kwargs, words):
     for w in words:
         assert w in str(e.value), (w, str(e.value))
     _untouched(model, hooks)
+
+
+@pytest.mark.parametrize("kwargs,words", BAD_PRUNE)
+def test_bad_prune_arguments_raise_and_leave_model_untouched(kwargs, words):
+    assert_prune_refused(kwargs, words)
 
 
 BAD_STAGES = [

@@ -259,6 +259,14 @@ def _layer_qkv(model, inputs, layer: int):
     return got
 
 
+def _first_entry(model, inputs, **prune_kwargs):
+    """The report entry of the first image after one forward of a pruned copy of ``model``."""
+    pruned = vtprune.prune(copy.deepcopy(model), **prune_kwargs)
+    with torch.no_grad():
+        pruned(**inputs)
+    return vtprune.last_report(pruned).images[0]
+
+
 def _flowcut_reference(q, k, v, scale, img, keep, per_head: bool = True):
     """FlowCut's LLM stage re-derived from SELECTORS.md §6.5 / the reference (``modeling_llama_flowcut.py``): for the
     last prompt token, per head, softmax(q·Kᵀ·scale) and softmax(v·Vᵀ·scale) over the *visual* keys only, then the
@@ -291,11 +299,7 @@ def test_flowcut_llm_stage_matches_the_reference_math(family):
         for keep in (2, 3, 5):
             if keep >= img.numel():
                 continue
-            pruned = copy.deepcopy(model)
-            vtprune.prune(pruned, method="flowcut", keep=keep, layer=2)
-            with torch.no_grad():
-                pruned(**inputs)
-            entry = vtprune.last_report(pruned).images[0]
+            entry = _first_entry(model, inputs, method="flowcut", keep=keep, layer=2)
             assert entry.stage == "llm:2" and "flow_stats" in entry.signal
             assert torch.equal(entry.kept, _flowcut_reference(q, k, v, scale, img, keep)), (sample, keep)
 
@@ -375,11 +379,7 @@ def test_pdrop_scores_with_the_boundary_layers_own_projections(family):
                 continue
             expect = rows[0].topk(keep).indices.sort().values
             former_differs += not torch.equal(expect, rows[1].topk(keep).indices.sort().values)
-            pruned = copy.deepcopy(model)
-            vtprune.prune(pruned, method="pdrop", keep=keep, layer=1)
-            with torch.no_grad():
-                pruned(**inputs)
-            entry = vtprune.last_report(pruned).images[0]
+            entry = _first_entry(model, inputs, method="pdrop", keep=keep, layer=1)
             assert entry.stage == "llm:1" and "layer_attention" in entry.signal
             assert torch.equal(entry.kept, expect), (sample, keep)
     assert former_differs > 0
