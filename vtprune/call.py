@@ -11,7 +11,7 @@ caller takes it (another call, a ``deepcopy``, another thread).
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,7 +51,6 @@ class Call:
     llm_replay: dict[str, Any] | None = None  # in-LLM decisions of this generate call, replayed without a cache
     step: Any = None  # the running forward's in-LLM state (adapters.llm.Run)
     session: Session | None = None  # to attach to the cache this call's prefill filled
-    extra: dict[str, Any] = field(default_factory=dict)
     _token: Any = None
 
 
