@@ -313,3 +313,15 @@ def test_pickled_pruned_model_prunes_itself(family):
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, ref)
     assert vtprune.last_report(loaded) is not None
+
+
+def test_compiling_a_pruned_model_still_prunes():
+    """The order the refusal above recommends: prune, then torch.compile (dynamo traces through the hooks, breaking
+    the graph where vtprune reads values on the host). The eager backend keeps the check about tracing, not codegen."""
+    model, _ = _model("llava")
+    inputs = batch("llava", [0, 1])
+    _prune(model, "divprune")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        out = torch.compile(model, backend="eager")(**inputs).logits
+    assert torch.equal(out, ref) and vtprune.last_report(model).visual_after == 12
