@@ -20,8 +20,8 @@ from ..call import cached_length
 from ..config import PruneConfig, StageSpec
 from ..kernels import gather_tokens
 from ..probes import Capture, flow_stats, probe_name
-from ..registry import run_selector
-from ..report import ImageReport, PruneReport, Timer, prefill_flops
+from ..report import ImageReport, PruneReport, prefill_flops
+from ..selection import Offer, select
 from ..selectors.base import SelectorSpec, topk_sorted
 from ..selectors.flowcut import cut_amount, flow_score
 
@@ -343,11 +343,11 @@ class Adapter:
         return out
 
     def _select(self, images, owner, stage: StageSpec, spec: SelectorSpec, config: PruneConfig):
-        """Run the selector batched over images of equal shape; return kept token indices per image."""
+        """Kept token indices per image (the shared ``selection.select``, batched over images of equal shape)."""
         report = PruneReport(stage=stage.where, positions=config.positions)
         # candidates: tokens offered to the selector; forced: layout tokens always kept (not counted)
-        cand, forced, budget = [], [], []
-        for im in images:
+        cand, forced, offers, todo = [], [], [], []
+        for i, im in enumerate(images):
             n = im.features.shape[0]
             nl = im.newline if im.newline is not None else torch.zeros(n, dtype=torch.bool, device=im.features.device)
             if spec.newlines == "pool":
@@ -356,52 +356,28 @@ class Adapter:
                 c, f = (~nl).nonzero().flatten(), nl.nonzero().flatten()
             cand.append(c)
             forced.append(f)
-            budget.append(stage.budget(c.numel()))
-        groups: dict[tuple, list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault((cand[i].numel(), budget[i], repr(im.grid) if spec.newlines != "pool" else ""),
-                              []).append(i)
-        kept: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
+            if im.kept is None:  # else chosen inside the encoder already
+                todo.append(i)
+                offers.append(Offer(im.features[c], stage.budget(c.numel()), owner[i][1], grid=im.grid, signals={
+                    s: im.signals[s][c] for s in spec.requires + spec.optional if s in im.signals}))
+        choices = dict(zip(todo, select(spec, stage.options, config.seed, offers)))
+        kept: list[torch.Tensor] = []
         overrides: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        timers: dict[int, tuple[Timer, int]] = {}
-        for (m, k, _), idxs in groups.items():
-            if images[idxs[0]].kept is not None:  # chosen inside the encoder already
-                for i in idxs:
-                    kept[i] = images[i].kept
-                continue
-            if k >= m:  # nothing to drop in these images
-                for i in idxs:
-                    kept[i] = torch.cat([cand[i], forced[i]]).sort().values
-                continue
-            feats = torch.stack([images[i].features[cand[i]] for i in idxs])
-            signals: dict[str, Any] = {}
-            for s in spec.requires + spec.optional:
-                if s == "seed":
-                    signals["seed"] = torch.tensor([config.seed * 1_000_003 + owner[i][1] for i in idxs])
-                elif s == "grid":
-                    signals["grid"] = images[idxs[0]].grid
-                elif s in images[idxs[0]].signals:
-                    signals[s] = torch.stack([images[i].signals[s][cand[i]] for i in idxs])
-            timer = Timer(feats.device)
-            with timer:
-                sel = run_selector(spec, feats, k, **stage.options, **signals)
-            merged = None
-            if isinstance(sel, tuple):  # merging selectors also return the tokens to inject at their slots
-                sel, merged = sel
-            for r, i in enumerate(idxs):
-                valid = sel[r] >= 0  # adaptive selectors pad with -1
-                chosen = cand[i][sel[r][valid]]
-                kept[i] = torch.cat([chosen, forced[i]]).sort().values
-                if merged is not None:
-                    overrides[i] = (chosen, merged[r][valid])
-                timers[i] = (timer, len(idxs))
         for i, im in enumerate(images):
-            t, share = timers.get(i, (None, 1))
+            ch = choices.get(i)
+            if ch is None:
+                kept.append(im.kept)
+            else:
+                chosen = cand[i][ch.index]
+                kept.append(torch.cat([chosen, forced[i]]).sort().values)
+                if ch.merged is not None:
+                    overrides[i] = (chosen, ch.merged)
             nl = im.newline
             report.images.append(ImageReport(
                 sample=owner[i][0], image=owner[i][1], kept=kept[i], n_before=im.features.shape[0],
                 method=spec.name, stage=stage.where, signal=im.signal_source, grid=im.grid, newline=nl,
-                n_newline=int(nl[kept[i]].sum()) if nl is not None else 0, _timer=t, _share=share))
+                n_newline=int(nl[kept[i]].sum()) if nl is not None else 0,
+                _timer=ch.timer if ch is not None else None, _share=ch.share if ch is not None else 1))
         return kept, report, overrides
 
     def _rewrite(self, kwargs, images, owner, kept_idx, config: PruneConfig, generate: bool, report: PruneReport,

@@ -30,8 +30,9 @@ from ..call import Session, current, repeat_rows
 from ..config import PruneConfig, StageSpec
 from ..kernels import gather_tokens
 from ..probes import Capture, ProbeStop, flow_stats_over, last_flow_logits, last_row, probe_name
-from ..registry import get_selector, run_selector
-from ..report import ImageReport, PruneReport, Timer, prefill_flops
+from ..registry import get_selector
+from ..report import ImageReport, PruneReport, prefill_flops
+from ..selection import Offer, select
 from .base import left_compact
 
 #: selector signals an llm:K stage can provide, each read from layer K−1's attention call (last prompt token)
@@ -285,25 +286,22 @@ class LLMStages:
                 raise RuntimeError("vtprune: the language-model attention probe did not fire; the attention "
                                    "implementation was changed after prune — unprune and prune again")
             rows[r] = res[-1]  # [B, L_cur] or [B, C, L_cur]: from the last prompt token in layer K-1
-        timer = Timer(hidden.device)
-        with timer:
-            for bi in range(b):
-                for j in range(int(img[bi].max()) + 1):
-                    pos = (img[bi] == j).nonzero().flatten()
-                    n_now = pos.numel()
-                    n_in = int((run.img[bi] == j).sum())
-                    k = stage.budget(n_now, of=n_in)
-                    if k >= n_now and not spec.adaptive:  # an adaptive selector may keep fewer than its cap
-                        keep[bi, pos] = True
-                        continue
-                    signals: dict[str, Any] = {"seed": torch.tensor([self.seed * 1_000_003 + j])}
-                    for r, row in rows.items():
-                        signals[r] = row[bi][..., pos][None]
-                        if r in SIGNAL_OVER_IMAGE:
-                            signals[r] = SIGNAL_OVER_IMAGE[r](signals[r])
-                    sel = run_selector(spec, hidden[bi, pos][None], k, **stage.options, **signals)[0]
-                    keep[bi, pos[sel[sel >= 0]]] = True
-        self._stage_entries(run, stage, spec, img, keep, timer)
+        where, offers = [], []
+        for bi in range(b):
+            for j in range(int(img[bi].max()) + 1):
+                pos = (img[bi] == j).nonzero().flatten()
+                signals = {}
+                for r, row in rows.items():
+                    signals[r] = row[bi][..., pos]
+                    if r in SIGNAL_OVER_IMAGE:
+                        signals[r] = SIGNAL_OVER_IMAGE[r](signals[r])
+                where.append((bi, j, pos))
+                offers.append(Offer(hidden[bi, pos], stage.budget(pos.numel(), of=int((run.img[bi] == j).sum())), j,
+                                    signals))
+        choices = select(spec, stage.options, self.seed, offers)
+        for (bi, _, pos), ch in zip(where, choices):
+            keep[bi, pos[ch.index]] = True
+        self._stage_entries(run, stage, spec, img, keep, where, choices)
         return left_compact(keep)
 
     @staticmethod
@@ -373,22 +371,16 @@ class LLMStages:
 
     # ---- report -------------------------------------------------------------------------------------------------
     def _stage_entries(self, run: Run, stage: StageSpec, spec: Any, img: torch.Tensor, keep: torch.Tensor,
-                       timer: Timer) -> None:
-        entries = []
-        for bi in range(img.shape[0]):
-            for j in range(int(img[bi].max()) + 1):
-                first_pos = (run.img[bi] == j).nonzero().flatten()
-                here = img[bi] == j
-                kept_lm = run.cur[bi][here & keep[bi]]  # LM-input positions kept
-                entries.append(ImageReport(
-                    sample=bi, image=j, kept=torch.searchsorted(first_pos, kept_lm), n_before=int(here.sum()),
-                    method=spec.name, stage=stage.where, signal=", ".join(
-                        f"{SIGNAL_NAMES[r]}, layer {stage.layer - (r in LLM_SIGNALS)})" for r in spec.requires
-                        if r in LLM_SIGNALS or r in STAGE_SIGNALS),
-                    _timer=timer))
-        for e in entries:
-            e._share = len(entries)
-        run.report.images.extend(entries)
+                       where: list[tuple[int, int, torch.Tensor]], choices: list[Any]) -> None:
+        signal = ", ".join(f"{SIGNAL_NAMES[r]}, layer {stage.layer - (r in LLM_SIGNALS)})" for r in spec.requires
+                           if r in LLM_SIGNALS or r in STAGE_SIGNALS)
+        for (bi, j, _), ch in zip(where, choices):
+            first_pos = (run.img[bi] == j).nonzero().flatten()
+            here = img[bi] == j
+            kept_lm = run.cur[bi][here & keep[bi]]  # LM-input positions kept
+            run.report.images.append(ImageReport(
+                sample=bi, image=j, kept=torch.searchsorted(first_pos, kept_lm), n_before=int(here.sum()),
+                method=spec.name, stage=stage.where, signal=signal, _timer=ch.timer, _share=ch.share))
 
     def _finish_report(self, run: Run) -> None:
         rep = run.report
