@@ -208,3 +208,13 @@ def test_public_api_surface():
     assert vtprune.list_methods() == ["atp", "divprune", "fastervlm", "fastv", "flowcut", "globalcom2", "holov",
                                       "pdrop", "random", "uniform", "vflowopt"]
     assert vtprune.supported_models() == ["internvl", "llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]
+
+
+def test_every_supported_family_has_a_tiny_model_and_a_prompt_layout():
+    """The test matrix comes from the registry: a family without a tiny builder would silently miss every test."""
+    from tests.families import MISSING
+
+    assert not MISSING, f"no vtprune.testing TinyFamily for {MISSING}: add one in vtprune/testing/<family>.py"
+    for family in vtprune.supported_models():
+        cls = vtprune.registry.get_adapter_class(family)
+        assert "{img}" in cls.prompt and "{q}" in cls.prompt and cls.placeholder

@@ -18,11 +18,31 @@ from tests.families import (
     two_images,
     vision_impl,
 )
+from vtprune.registry import get_adapter_class, get_selector
 
-METHODS = ["fastervlm", "divprune", "random", "uniform", "holov"]
 KEEP = 6
-# globalcom2 needs a thumbnail + crops layout: LLaVA-NeXT (elsewhere prune() refuses it, see test_api)
-CASES = [(f, m) for f in FAMILIES for m in METHODS] + [("llava_next", "globalcom2")]
+
+
+def _applicable(family: str, method: str) -> bool:
+    return set(get_selector(method).requires) <= set(get_adapter_class(family).provides)
+
+
+# Every registered method that keeps a subset of the image's tokens before the LLM, on every family that provides
+# its signals (merging selectors change features: tests/test_vflowopt.py; in-LLM stages: tests/test_llm_stages.py;
+# in-ViT FlowCut: tests/test_flowcut.py). A family that cannot serve a method refuses it at prune() time (below).
+SUBSET = [m for m in vtprune.list_methods() if "pre_llm" in get_selector(m).stages and not get_selector(m).merges]
+CASES = [(f, m) for f in FAMILIES for m in SUBSET if _applicable(f, m)]
+REFUSED = [(f, m) for f in FAMILIES for m in vtprune.list_methods()
+           if "pre_llm" in get_selector(m).stages and not _applicable(f, m)]
+
+
+@pytest.mark.parametrize("family,method", REFUSED)
+def test_methods_a_family_cannot_serve_are_refused_at_prune_time(family, method):
+    model, _ = model_and_processor(family)
+    missing = sorted(set(get_selector(method).requires) - set(get_adapter_class(family).provides))
+    with pytest.raises(ValueError, match=f"{method!r} needs the signal.*{missing[0]}"):
+        vtprune.prune(model, method=method, keep=KEEP)
+    assert not vtprune.is_pruned(model) and "generate" not in model.__dict__
 
 
 def _suppressed(model) -> list[int]:

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from vtprune.registry import get_selector
+from vtprune.registry import get_selector, list_methods
 from vtprune.selectors import divprune as divprune_module
-from vtprune.selectors.base import SelectorSpec
+from vtprune.selectors.base import SIGNALS, SelectorSpec
 from vtprune.selectors.divprune import (
     divprune_order,
     divprune_reference_loop,
@@ -19,34 +19,55 @@ from vtprune.selectors.fastervlm import fastervlm_select
 from vtprune.selectors.random import random_select
 from vtprune.selectors.uniform import lattice, split_budget, uniform_select
 
-METHODS = ["fastervlm", "divprune", "random", "uniform"]
+# Every registered selector, except those whose input is a multi-crop layout (their random-layout contract is in
+# tests/test_holov_globalcom2.py): the contract below is generic, so a new method is covered by registering it.
+METHODS = [m for m in list_methods() if "coords" not in get_selector(m).requires]
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
-def assert_contract(idx: torch.Tensor, b: int, n: int, keep: int, valid: torch.Tensor | None = None) -> None:
+def assert_contract(idx, b: int, n: int, keep: int, valid: torch.Tensor | None = None, method: str = "") -> None:
+    """Sorted, unique, in range, exactly ``keep`` per row — or, for an adaptive selector, its kept tokens first and
+    -1 padding after; a merging selector's tokens have one row per index."""
+    spec = get_selector(method) if method else None
+    if spec is not None and spec.merges:
+        idx, toks = idx
+        assert toks.shape[:2] == (b, keep), toks.shape
     assert idx.dtype == torch.long, idx.dtype
     assert tuple(idx.shape) == (b, keep), (tuple(idx.shape), (b, keep))
-    assert bool((idx[:, 1:] > idx[:, :-1]).all()), f"not strictly ascending (sorted + unique): {idx}"
-    assert int(idx.min()) >= 0 and int(idx.max()) < n, idx
+    rows = [row[row >= 0] for row in idx] if spec is not None and (spec.adaptive or spec.merges) else list(idx)
+    for r, row in zip(idx, rows):
+        assert bool((r[row.numel():] == -1).all()), f"padding must follow the kept tokens: {r}"
+        assert row.numel() >= 1 and bool((row[1:] > row[:-1]).all()), f"not strictly ascending: {r}"
+        assert int(row.min()) >= 0 and int(row.max()) < n, row
     if valid is not None:
-        assert bool(valid.gather(1, idx).all()), "an invalid token was chosen"
+        assert all(bool(valid[i, row].all()) for i, row in enumerate(rows)), "an invalid token was chosen"
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b)) if isinstance(a, tuple) else torch.equal(a, b)
 
 
 def make_signals(method: str, b: int, n: int, gen: torch.Generator, ties: bool = False) -> dict:
-    """Signals the adapter would pass, plus unrelated ones every selector must accept and ignore."""
-    extra = {"text_features": torch.randn(b, 3, 8, generator=gen), "crop_ids": torch.zeros(b, n, dtype=torch.long)}
-    if method == "fastervlm":
-        if ties:  # few distinct values: exercises the lower-index tie-break at the top-k boundary
-            att = torch.randint(0, 4, (b, n), generator=gen).float() / 4
+    """The signals ``method`` requires, built from their declared kind (``SIGNALS``), plus unrelated ones every
+    selector must accept and ignore."""
+    out = {"text_features": torch.randn(b, 3, 8, generator=gen), "crop_ids": torch.zeros(b, n, dtype=torch.long)}
+    spec = get_selector(method)
+    for name in spec.requires + tuple(s for s in spec.optional if s == "seed"):
+        if name == "seed":
+            out[name] = torch.randint(0, 2**31, (b,), generator=gen)
+        elif name == "flow_stats":
+            out[name] = torch.rand(b, 3, n, generator=gen)
+        elif SIGNALS[name].startswith("FloatTensor[B, N]"):
+            if ties:  # few distinct values: exercises the lower-index tie-break at the top-k boundary
+                out[name] = torch.randint(0, 4, (b, n), generator=gen).float() / 4
+            else:
+                out[name] = torch.softmax(torch.randn(b, n, generator=gen), dim=-1)
         else:
-            att = torch.softmax(torch.randn(b, n, generator=gen), dim=-1)
-        return {"cls_attention": att, **extra}
-    if method == "random":
-        return {"seed": torch.randint(0, 2**31, (b,), generator=gen), **extra}
-    return extra
+            raise AssertionError(f"no test input for signal {name!r} of {method}")
+    return out
 
 
 def row_signals(signals: dict, b: int) -> dict:
@@ -92,15 +113,19 @@ def test_contract_random_cases(method):
         feats = torch.randn(b, n, d, generator=gen).to(dtype)
         signals = make_signals(method, b, n, gen, ties=case % 2 == 0)
         out = fn(feats, keep, **signals)
-        assert_contract(out, b, n, keep)
-        assert torch.equal(out, fn(feats, keep, **signals)), "not deterministic"
+        assert_contract(out, b, n, keep, method=method)
+        assert _same(out, fn(feats, keep, **signals)), "not deterministic"
         for row in range(b):
             single = fn(feats[row : row + 1], keep, **row_signals(signals, row))
-            assert torch.equal(single[0], out[row]), f"{method}: row {row} depends on other rows"
+            assert _same(tuple(t[0] for t in single) if isinstance(single, tuple) else single[0],
+                         tuple(t[row] for t in out) if isinstance(out, tuple) else out[row]), \
+                f"{method}: row {row} depends on other rows"
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "uniform"])
+@pytest.mark.parametrize("method", METHODS)
 def test_invalid_tokens_never_chosen(method):
+    """Tokens whose valid_mask is False are never chosen, even with the highest scores — or a selector that needs
+    every token of its grid (a lattice, recycling groups) refuses a partial mask with a clear error."""
     fn = get_selector(method).fn
     gen = torch.Generator().manual_seed(3)
     for b, n, d, _, dtype, rng in random_cases(40, seed=11):
@@ -109,13 +134,21 @@ def test_invalid_tokens_never_chosen(method):
         keep = rng.randint(1, int(valid.sum(1).min()))
         feats = torch.randn(b, n, d, generator=gen).to(dtype)
         signals = make_signals(method, b, n, gen)
-        if method == "fastervlm":  # invalid tokens get the highest attention: they would win without the mask
-            signals["cls_attention"] = signals["cls_attention"].masked_fill(~valid, 10.0)
-        out = fn(feats, keep, valid_mask=valid, **signals)
-        assert_contract(out, b, n, keep, valid)
+        for name, v in list(signals.items()):  # invalid tokens score highest: they would win without the mask
+            if name in get_selector(method).requires and v.is_floating_point() and v.shape == (b, n):
+                signals[name] = v.masked_fill(~valid, 10.0)
+        if bool(valid.all()):
+            continue
+        try:
+            out = fn(feats, keep, valid_mask=valid, **signals)
+        except ValueError as e:
+            assert "valid_mask" in str(e), e
+            continue
+        assert_contract(out, b, n, keep, valid, method=method)
         for row in range(b):
             single = fn(feats[row : row + 1], keep, valid_mask=valid[row : row + 1], **row_signals(signals, row))
-            assert torch.equal(single[0], out[row])
+            assert _same(tuple(t[0] for t in single) if isinstance(single, tuple) else single[0],
+                         tuple(t[row] for t in out) if isinstance(out, tuple) else out[row])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -124,6 +157,12 @@ def test_keep_all_is_identity(method, n):
     gen = torch.Generator().manual_seed(n)
     feats = torch.randn(3, n, 5, generator=gen)
     out = get_selector(method).fn(feats, n, **make_signals(method, 3, n, gen))
+    if get_selector(method).adaptive:  # keep is a cap for an adaptive selector (atp): it may still keep fewer
+        assert_contract(out, 3, n, n, method=method)
+        return
+    if isinstance(out, tuple):  # a merging selector keeping everything injects the tokens unchanged
+        out, toks = out
+        assert torch.equal(toks, feats)
     assert torch.equal(out, torch.arange(n).expand(3, n))
 
 

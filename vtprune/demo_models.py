@@ -73,11 +73,11 @@ def demo_model(name: str = "llava", path: str | Path | None = None) -> tuple[tor
     else:
         from transformers import Qwen2VLForConditionalGeneration
 
-        from .testing import _qwen_processor_class
+        from .processors import processor_class
 
         model = Qwen2VLForConditionalGeneration.from_pretrained(d, local_files_only=True, dtype=torch.float32)
         # AutoProcessor would return only the tokenizer for this image-only subclass: load it explicitly
-        processor = _qwen_processor_class().from_pretrained(d, local_files_only=True)
+        processor = processor_class("Qwen2VLImageOnlyProcessor").from_pretrained(d, local_files_only=True)
     processor.tokenizer.padding_side = "left"
     return model.eval(), processor
 

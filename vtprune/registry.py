@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
+import pathlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -23,14 +26,32 @@ _SELECTORS: dict[str, str] = {
     "globalcom2": "vtprune.selectors.globalcom2:SPEC",
 }
 
-# HF model_type -> "module:attribute" of an adapter class
-_ADAPTERS: dict[str, str] = {
-    "llava": "vtprune.adapters.llava:LlavaAdapter",
-    "llava_next": "vtprune.adapters.llava:LlavaNextAdapter",
-    "qwen2_vl": "vtprune.adapters.qwen2_vl:Qwen2VLAdapter",
-    "qwen2_5_vl": "vtprune.adapters.qwen2_vl:Qwen2VLAdapter",
-    "internvl": "vtprune.adapters.internvl:InternVLAdapter",
-}
+# HF model_type -> "module:attribute" of an adapter class registered at run time (register_adapter)
+_EXTRA_ADAPTERS: dict[str, str] = {}
+
+
+@functools.cache
+def _family_files() -> dict[str, str]:
+    """HF model_type -> "module:Class", read from every family file in ``vtprune/adapters``.
+
+    A family file declares ``FAMILIES = {"<model_type>": "<AdapterClass>", ...}`` at module level. The literal is
+    read from the source (``ast``), not imported, so ``import vtprune`` stays free of transformers model code and a
+    new family is one new file, with no list to edit anywhere else.
+    """
+    out: dict[str, str] = {}
+    folder = pathlib.Path(__file__).with_name("adapters")
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "FAMILIES"
+                                                   for t in node.targets):
+                for model_type, cls in ast.literal_eval(node.value).items():
+                    out[model_type] = f"vtprune.adapters.{path.stem}:{cls}"
+    return out
+
+
+def _adapters() -> dict[str, str]:
+    return {**_family_files(), **_EXTRA_ADAPTERS}
 
 
 def _load(path: str) -> Any:
@@ -45,7 +66,7 @@ def list_methods() -> list[str]:
 
 def supported_models() -> list[str]:
     """Hugging Face ``model_type`` values that have an adapter."""
-    return sorted(_ADAPTERS)
+    return sorted(_adapters())
 
 
 def get_selector(name: str) -> SelectorSpec:
@@ -55,11 +76,25 @@ def get_selector(name: str) -> SelectorSpec:
 
 
 def get_adapter_class(model_type: str) -> type:
-    if model_type not in _ADAPTERS:
+    table = _adapters()
+    if model_type not in table:
         raise ValueError(
             f"unsupported model family {model_type!r}; supported model_type values: {', '.join(supported_models())}"
         )
-    return _load(_ADAPTERS[model_type])
+    return _load(table[model_type])
+
+
+def register_adapter(model_type: str, path: str) -> None:
+    """Add an adapter class (``"package.module:Class"``) for a Hugging Face ``model_type`` kept outside vtprune."""
+    _EXTRA_ADAPTERS[model_type] = path
+
+
+def methods_for(provides: tuple[str, ...] | set[str]) -> list[str]:
+    """Methods whose required signals are all in ``provides`` (an adapter's signals, plus the in-LLM ones)."""
+    from .adapters.llm import IN_LLM_SIGNALS
+
+    have = set(provides) | set(IN_LLM_SIGNALS)
+    return [m for m in list_methods() if set(get_selector(m).requires) <= have]
 
 
 def register_selector(name: str, path: str) -> None:

@@ -164,7 +164,20 @@ def flowcut_in_tower(adapter: Adapter, layers: Any, attention: Any, read: int, t
 
 
 class Adapter:
-    """Base class; family files override ``encode`` and the attributes below."""
+    """Base class; family files override ``encode`` and the attributes below.
+
+    A family file is a small record: ``FAMILIES`` (the HF model_types it serves), an Adapter subclass that says
+    where the image placeholders are and how features map to LLM tokens (``encode``, and ``encode_vision`` where
+    pruning inside the tower is supported), which signals it can give (``provides``), how positions are built
+    (``original_positions``, ``finish``), and its plain prompt layout (``placeholder``, ``prompt``). Everything
+    family-neutral — selection, the rewrite, positions bookkeeping, caches, the in-LLM stages, reports — is here or
+    in ``selection`` / ``llm``.
+    """
+
+    #: the image placeholder a raw prompt holds (the processor expands it), and a plain one-question prompt layout
+    #: with ``{img}`` and ``{q}`` (used without a chat template, e.g. by the lmms-eval integration and the tests)
+    placeholder: str = "<image>"
+    prompt: str = "USER: {img}\n{q} ASSISTANT:"
 
     #: signals this family can provide
     provides: tuple[str, ...] = ()
@@ -190,12 +203,12 @@ class Adapter:
     def check_method(self, spec: SelectorSpec) -> None:
         missing = [s for s in spec.requires if s not in self.provides]
         if missing:
+            from ..registry import methods_for
+
             raise ValueError(
                 f"method {spec.name!r} needs the signal(s) {missing}, which {type(self.model).__name__} "
-                f"({self.model.config.model_type}) cannot provide; methods that need no extra signal: "
-                "divprune, random, "
-                "uniform"
-            )
+                f"({self.model.config.model_type}) cannot provide; methods this family can run: "
+                f"{', '.join(methods_for(self.provides))}")
 
     def attach(self, needs: set[str], in_tower: bool = False) -> None:
         """Install the vision-tower attention probe when a selector needs an attention signal, and the tower's layer
@@ -260,9 +273,9 @@ class Adapter:
 
     def encode_vision(self, kwargs: dict[str, Any], stage: StageSpec, spec: SelectorSpec) -> list[ImageTokens]:
         """Run the vision encoder with pruning inside it; images come back with ``kept`` set."""
-        raise ValueError(f"method {spec.name!r} prunes inside the vision encoder, which vtprune supports for "
-                         f"LLaVA-1.5 (llava) and InternVL so far, not {self.model.config.model_type!r}; give layer=K "
-                         "for its LLM-stage variant or use a pre_llm method")
+        raise ValueError(f"method {spec.name!r} prunes inside the vision encoder, which vtprune does not support for "
+                         f"{self.model.config.model_type!r} yet; give layer=K for its LLM-stage variant or use a "
+                         "pre_llm method")
 
     def package(self, features: list[torch.Tensor]) -> Any:
         """Kept features per image -> the ``pooler_output`` this family's forward expects (a list by default)."""

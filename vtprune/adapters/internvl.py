@@ -24,8 +24,13 @@ import torch
 from ..probes import cls_row, global_importance
 from .base import Adapter, ImageTokens, flowcut_in_tower
 
+#: HF model_type -> adapter class (read by vtprune.registry without importing this file)
+FAMILIES = {"internvl": "InternVLAdapter"}
+
 
 class InternVLAdapter(Adapter):
+    placeholder = "<IMG_CONTEXT>"
+    prompt = "user: {img}\n{q} assistant:"
     provides = ("cls_attention", "vflow_importance", "flow_stats", "grid", "crop_ids")
     encoder_keys = ("pixel_values",)
 

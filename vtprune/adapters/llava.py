@@ -20,6 +20,9 @@ import torch
 from ..probes import cls_logits, cls_row, global_importance
 from .base import Adapter, ImageTokens, flowcut_in_tower
 
+#: HF model_type -> adapter class (read by vtprune.registry without importing this file)
+FAMILIES = {"llava": "LlavaAdapter", "llava_next": "LlavaNextAdapter"}
+
 _NO_CLS_TOWERS = ("siglip_vision_model", "siglip2_vision_model")
 
 

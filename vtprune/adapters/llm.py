@@ -42,6 +42,8 @@ SIGNAL_OVER_IMAGE = {"flow_stats": flow_stats_over}
 #: selector signals read from the stage layer K itself before it runs: its own input norm, q/k projections and RoPE
 #: on the hidden states entering it (PyramidDrop), the last prompt token's row
 STAGE_SIGNALS = {"layer_attention": last_row}
+#: every signal an llm:K stage provides, whatever the family
+IN_LLM_SIGNALS = (*LLM_SIGNALS, *STAGE_SIGNALS)
 SIGNAL_NAMES = {"text_attention": "text_attention(last prompt token", "layer_attention": "layer_attention(last "
                 "prompt token, the stage layer's own projections", "flow_stats": "flow_stats(last prompt token's "
                 "query and value"}

@@ -23,11 +23,16 @@ import torch
 from ..probes import global_importance, received_attention
 from .base import Adapter, ImageTokens
 
+#: HF model_type -> adapter class (read by vtprune.registry without importing this file)
+FAMILIES = {"qwen2_vl": "Qwen2VLAdapter", "qwen2_5_vl": "Qwen2VLAdapter"}
+
 SIGNAL = ("received attention (mean over queries, head mean) of ViT block {k}, summed over each 2x2 merge window; "
           "a [CLS] substitute, not FasterVLM's [CLS] signal")
 
 
 class Qwen2VLAdapter(Adapter):
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    prompt = "<|im_start|>user {img}{q}<|im_end|><|im_start|>assistant"
     provides = ("cls_attention", "vflow_importance", "grid")
     encoder_keys = ("pixel_values", "image_grid_thw")
 

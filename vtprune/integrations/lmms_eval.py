@@ -65,19 +65,6 @@ from vtprune.config import PruneConfig
 MODEL_ID = "vtprune"
 CLASS_PATH = f"{__name__}.VTPruneLMM"
 
-# Plain prompt per family when the processor has no chat template (the layouts tests/families.py uses):
-# (image placeholder the processor expands, template with {img} and {q}).
-_PLAIN = {
-    "qwen": ("<|vision_start|><|image_pad|><|vision_end|>", "<|im_start|>user {img}{q}<|im_end|><|im_start|>assistant"),
-    "internvl": ("<IMG_CONTEXT>", "user: {img}\n{q} assistant:"),
-    "llava": ("<image>", "USER: {img}\n{q} ASSISTANT:"),
-}
-# Image-only processor subclasses of vtprune.testing (transformers' video processors need torchvision): a saved
-# tiny checkpoint names them in processor_config.json, and AutoProcessor then returns only the tokenizer.
-_KNOWN_PROCESSORS = {
-    "Qwen2VLImageOnlyProcessor": "vtprune.testing:_qwen_processor_class",
-    "InternVLImageOnlyProcessor": "vtprune.testing:_internvl_processor_class",
-}
 _GEN_PASSTHROUGH = ("top_p", "top_k", "num_beams", "repetition_penalty", "length_penalty", "min_new_tokens")
 _MODEL_ARGS = ("pretrained", "method", "keep", "keep_ratio", "positions", "seed", "stages", "batch_size", "device",
                "device_map", "dtype", "attn_implementation", "max_new_tokens", "use_chat_template", "processor_class",
@@ -184,14 +171,15 @@ def load_processor(pretrained: str, processor_class: str | None = None, **kw: An
     """The checkpoint's multimodal processor.
 
     ``AutoProcessor`` first; when it hands back only a tokenizer (a processor class it does not know, e.g. the
-    image-only subclasses of ``vtprune.testing``), the class named in ``processor_config.json`` is looked up in
-    transformers and in vtprune's known classes. ``processor_class="module:Class"`` overrides both.
+    image-only subclasses of ``vtprune.processors``), the class named in ``processor_config.json`` is looked up in
+    vtprune's image-only classes and in transformers. ``processor_class="module:Class"`` overrides both.
     """
     from transformers import AutoProcessor, ProcessorMixin
 
+    from vtprune.processors import processor_class as image_only_class
+
     if processor_class:
-        cls = _KNOWN_PROCESSORS.get(processor_class)
-        cls = _import_path(cls)() if cls else _import_path(processor_class)
+        cls = image_only_class(processor_class) or _import_path(processor_class)
         return cls.from_pretrained(pretrained, **kw)
     proc = AutoProcessor.from_pretrained(pretrained, **kw)
     if isinstance(proc, ProcessorMixin):
@@ -201,8 +189,9 @@ def load_processor(pretrained: str, processor_class: str | None = None, **kw: An
     if os.path.isfile(cfg):
         with open(cfg, encoding="utf-8") as f:
             name = json.load(f).get("processor_class")
-    if name in _KNOWN_PROCESSORS:
-        return _import_path(_KNOWN_PROCESSORS[name])().from_pretrained(pretrained, **kw)
+    cls = image_only_class(name) if name else None  # vtprune.processors: transformers' processors, no video part
+    if cls is not None:
+        return cls.from_pretrained(pretrained, **kw)
     import transformers
 
     if name and hasattr(transformers, name):
@@ -354,18 +343,12 @@ class VTPruneLMM(lmms):
         return self._world_size
 
     # ---- prompts and inputs --------------------------------------------------------------------------------------
-    def _family(self) -> str:
-        if self.model_type.startswith("qwen"):
-            return "qwen"
-        return "internvl" if self.model_type.startswith("internvl") else "llava"
-
     def prompt(self, context: str, n_images: int) -> str:
         """The model-facing prompt: the processor's chat template when it has one, else the family's plain layout
         with the processor's image placeholder. A context that already holds placeholders gets no extra ones."""
-        placeholder, template = _PLAIN[self._family()]
+        family = vtprune.registry.get_adapter_class(self.model_type)  # its plain prompt layout and placeholder
+        placeholder, template = family.placeholder, family.prompt
         proc_token = getattr(self.processor, "image_token", None) or placeholder
-        if self._family() == "llava":
-            placeholder = proc_token
         if placeholder in context or proc_token in context:
             n_images = 0
         if self.use_chat_template and getattr(self.processor, "chat_template", None):

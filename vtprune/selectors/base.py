@@ -64,6 +64,8 @@ class SelectorSpec:
     schedule: tuple[tuple[float, float], ...] = ()
     #: keeps a per-instance number of tokens (≤ keep); padded with -1 in the returned indices
     adaptive: bool = False
+    #: returns (indices, tokens): some kept slots receive merged tokens instead of their own features (vflowopt)
+    merges: bool = False
     #: ``check_options(options)`` raises ValueError naming a bad option value and its valid range; called by
     #: ``prune()`` with the options the user gave, so a bad value fails before the model is touched
     check_options: Callable[[dict[str, Any]], None] | None = None

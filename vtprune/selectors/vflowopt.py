@@ -108,6 +108,6 @@ def vflowopt_select(features: torch.Tensor, keep: int, *, valid_mask: torch.Tens
     return idx, out
 
 
-SPEC = SelectorSpec(name=NAME, fn=vflowopt_select, requires=("vflow_importance",), optional=("grid",),
+SPEC = SelectorSpec(merges=True, name=NAME, fn=vflowopt_select, requires=("vflow_importance",), optional=("grid",),
                     options={"cells": 2}, adaptive=True, newlines="keep", check_options=check_options,
                     description="VFlowOpt-style: importance from global-token attention + recycling of the rest")

@@ -6,8 +6,13 @@ Used by the test-suite and the demo; handy for a user's own tests of vtprune on 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from ..processors import image_only
 
 IMAGE_TOKEN = "<image>"
 _CORPUS = ["USER: describe the picture. ASSISTANT: a red square on a blue background",
@@ -130,18 +135,6 @@ def tiny_image(width: int, height: int, seed: int = 0):
     return Image.fromarray(arr, "RGB")
 
 
-def _qwen_processor_class():
-    from transformers import Qwen2VLProcessor
-
-    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-        """Qwen2-VL processor without the video processor (which needs torchvision)."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
-
-    return Qwen2VLImageOnlyProcessor
-
-
 def tiny_qwen2_vl(kind: str = "qwen2_vl", text_hidden: int = 128, text_layers: int = 2, vision_depth: int = 2,
                   seed: int = 0, attn_implementation: str = "sdpa", max_tokens: int = 64
                   ) -> tuple[torch.nn.Module, object]:
@@ -151,6 +144,7 @@ def tiny_qwen2_vl(kind: str = "qwen2_vl", text_hidden: int = 128, text_layers: i
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -182,22 +176,8 @@ def tiny_qwen2_vl(kind: str = "qwen2_vl", text_hidden: int = 128, text_layers: i
         raise ValueError(f"kind must be 'qwen2_vl' or 'qwen2_5_vl', got {kind!r}")
     ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * max_tokens, patch_size=14, merge_size=2,
                                   temporal_patch_size=2)
-    proc = _qwen_processor_class()(image_processor=ip, tokenizer=tok)
+    proc = image_only(Qwen2VLProcessor)(image_processor=ip, tokenizer=tok)
     return model.eval(), proc
-
-
-def _internvl_processor_class():
-    from transformers import InternVLProcessor
-
-    class InternVLImageOnlyProcessor(InternVLProcessor):
-        """InternVL processor without the video processor (which needs torchvision)."""
-
-        def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 4, chat_template=None,
-                     **kw):
-            super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
-                             chat_template=chat_template)
-
-    return InternVLImageOnlyProcessor
 
 
 def tiny_internvl(text_hidden: int = 128, text_layers: int = 2, seed: int = 0, image_size: int = 56,
@@ -205,7 +185,7 @@ def tiny_internvl(text_hidden: int = 128, text_layers: int = 2, seed: int = 0, i
                   max_patches: int = 4) -> tuple[torch.nn.Module, object]:
     """(model, processor): InternViT with [CLS], 56-px tiles (16 patches -> 4 tokens after pixel shuffle); an image
     is cut into up to ``max_patches`` tiles plus a thumbnail."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     tok = tiny_tokenizer("internvl")
@@ -222,5 +202,45 @@ def tiny_internvl(text_hidden: int = 128, text_layers: int = 2, seed: int = 0, i
     ip = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True,
                                   max_patches=max_patches)
     seq = (image_size // 14) ** 2 // 4
-    proc = _internvl_processor_class()(image_processor=ip, tokenizer=tok, image_seq_length=seq)
+    proc = image_only(InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=seq)
     return model.eval(), proc
+
+
+# ---- the tiny model of every family, for tests that run over all of them ---------------------------------------------
+@dataclass(frozen=True)
+class TinyFamily:
+    """How to build a family's tiny random-weight model and which test images suit it.
+
+    ``build(text_layers=, vision_layers=)`` -> (model, processor), float32, eval mode, deterministic weights.
+    ``sizes``: (width, height) of three test images, of different sizes where the family takes dynamic resolution,
+    tiles or crops, so batches mix layouts.
+    """
+
+    build: Callable[..., tuple[torch.nn.Module, Any]]
+    sizes: tuple[tuple[int, int], ...]
+
+
+TINY: dict[str, TinyFamily] = {
+    "llava": TinyFamily(lambda **kw: tiny_llava("llava", **kw), ((60, 60), (60, 60), (60, 60))),
+    # LLaVA-NeXT: different aspect ratios, so AnyRes grids differ inside one batch
+    "llava_next": TinyFamily(lambda **kw: tiny_llava("llava_next", **kw), ((100, 80), (60, 60), (60, 130))),
+    # Qwen: dynamic resolution, different token counts per image
+    "qwen2_vl": TinyFamily(lambda vision_layers=2, **kw: tiny_qwen2_vl("qwen2_vl", vision_depth=vision_layers, **kw),
+                           ((120, 90), (60, 60), (90, 150))),
+    "qwen2_5_vl": TinyFamily(lambda vision_layers=2, **kw: tiny_qwen2_vl("qwen2_5_vl", vision_depth=vision_layers,
+                                                                          **kw), ((120, 90), (60, 60), (90, 150))),
+    # InternVL: tiles + thumbnail, different tile counts per image
+    "internvl": TinyFamily(tiny_internvl, ((120, 60), (56, 56), (60, 170))),
+}
+
+
+def tiny_families() -> dict[str, TinyFamily]:
+    """HF model_type -> ``TinyFamily``: the ones above and the ``TINY`` dict of every module in this package, so a
+    new family adds its builder in a file of its own (``vtprune/testing/<family>.py``) and nothing else."""
+    import importlib
+    import pkgutil
+
+    out = dict(TINY)
+    for mod in pkgutil.iter_modules(__path__):
+        out.update(getattr(importlib.import_module(f"{__name__}.{mod.name}"), "TINY", {}))
+    return out
