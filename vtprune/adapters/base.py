@@ -88,6 +88,9 @@ class ImageTokens:
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     signal_source: str = ""
     kept: torch.Tensor | None = None  # set when the tokens were already chosen inside the encoder (vision stage)
+    #: other per-token encoder outputs the model consumes with the features, token axis first ([n, ...], e.g.
+    #: Qwen3-VL's DeepStack features): gathered with the same kept indices and handed to ``Adapter.package``
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def flowcut_in_tower(adapter: Adapter, layers: Any, attention: Any, read: int, target: int, decay: float,
@@ -277,9 +280,18 @@ class Adapter:
                          f"{self.model.config.model_type!r} yet; give layer=K for its LLM-stage variant or use a "
                          "pre_llm method")
 
-    def package(self, features: list[torch.Tensor]) -> Any:
-        """Kept features per image -> the ``pooler_output`` this family's forward expects (a list by default)."""
-        return features
+    def package(self, features: list[torch.Tensor], extras: dict[str, list[torch.Tensor]]) -> Any:
+        """Kept features per image (and their ``extras``, per name a list per image) -> the ``mm_encoder_outputs``
+        entry this family's forward expects (by default ``pooler_output`` = the list of per-image features)."""
+        return BaseModelOutputWithPooling(pooler_output=features)
+
+    def image_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """LongTensor[B, L]: the index, within its sample, of the image every position belongs to (-1 for text),
+        for the in-LLM stages (budgets per image). By default one run of placeholder tokens is one image; a family
+        whose image spans several runs (tiles between text markers) overrides this."""
+        is_img = input_ids == self.image_token_id()
+        starts = is_img & ~torch.nn.functional.pad(is_img[:, :-1], (1, 0), value=False)
+        return (starts.long().cumsum(1) - 1).masked_fill(~is_img, -1)
 
     def finish(self, kwargs: dict[str, Any], new: dict[str, Any], generate: bool) -> None:
         """Family-specific touches on the rewritten call (e.g. Qwen's text position row and ``rope_deltas``)."""
@@ -407,8 +419,10 @@ class Adapter:
                     for im, k in zip(images, kept_idx)]
         for i, (chosen, toks) in overrides.items():  # merged tokens sit at their anchor's slot and position
             features[i][torch.searchsorted(kept_idx[i], chosen)] = toks.to(features[i].dtype)
+        extras = {name: [im.extras[name].index_select(0, k.to(im.extras[name].device)) for im, k in
+                         zip(images, kept_idx)] for name in (images[0].extras if images else {})}
         new = {k: v for k, v in kwargs.items() if k != "pixel_values"}
-        new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self.package(features))}
+        new["mm_encoder_outputs"] = {"image": self.package(features, extras)}
         mask = kwargs.get("attention_mask")
         report.tokens_before = (mask.sum(1) if mask is not None else torch.full((b,), length)).tolist()
         if bool(keep.all()):  # nothing dropped: only the encoder input is replaced, the model does the rest

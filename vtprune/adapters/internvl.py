@@ -20,6 +20,7 @@ import contextlib
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..probes import cls_row, global_importance
 from .base import Adapter, ImageTokens, flowcut_in_tower
@@ -66,8 +67,9 @@ class InternVLAdapter(Adapter):
         self.base = self.inner_model(("vision_tower", "pixel_shuffle"), "model.model",
                                      "InternVLForConditionalGeneration")
 
-    def package(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(features)[None]  # InternVL's forward takes one tensor, not a list per image
+    def package(self, features: list[torch.Tensor], extras: dict[str, list[torch.Tensor]]) -> Any:
+        # InternVL's forward takes one tensor, not a list per image
+        return BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None])
 
     def _cls_layer(self, feature_layer: int) -> torch.nn.Module:
         layers = self.base.vision_tower.encoder.layer

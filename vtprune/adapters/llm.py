@@ -154,11 +154,8 @@ class LLMStages:
         if not bool((input_ids == self.adapter.image_token_id()).any()):
             return
         b, length = input_ids.shape
-        is_img = input_ids == self.adapter.image_token_id()
-        # image index of every LM-input position (one placeholder run = one image), -1 for text
-        starts = is_img & ~torch.nn.functional.pad(is_img[:, :-1], (1, 0), value=False)
         run = Run("prefill", lp=length, ids=input_ids, mask2d=attention_mask if attention_mask is not None
-                  else torch.ones_like(input_ids), img=(starts.long().cumsum(1) - 1).masked_fill(~is_img, -1),
+                  else torch.ones_like(input_ids), img=self.adapter.image_index(input_ids),
                   cur=torch.arange(length, device=input_ids.device).expand(b, length))
         first = c.llm_replay
         if c.kind == "generate":
