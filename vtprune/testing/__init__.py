@@ -25,8 +25,19 @@ QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|
 INTERNVL_SPECIALS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
 
 
+#: per tokenizer kind: (special tokens, named special tokens the processor looks up)
+TOKENIZER_SPECIALS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "llava": ((IMAGE_TOKEN,), {"image_token": IMAGE_TOKEN}),
+    "qwen2_vl": (QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                 "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"}),
+    "internvl": (INTERNVL_SPECIALS, {"start_image_token": "<img>", "end_image_token": "</img>",
+                                     "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}),
+}
+
+
 @functools.cache
-def _tokenizer_dir(family: str = "llava") -> str:
+def _tokenizer_dir(family: str = "llava", specials: tuple[str, ...] | None = None,
+                   named: tuple[tuple[str, str], ...] | None = None) -> str:
     import atexit
     import os
     import shutil
@@ -35,20 +46,18 @@ def _tokenizer_dir(family: str = "llava") -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if specials is None:
+        specials, named_map = TOKENIZER_SPECIALS[family]
+    else:
+        named_map = dict(named or ())
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    extra = {"llava": (IMAGE_TOKEN,), "qwen2_vl": QWEN_SPECIALS, "internvl": INTERNVL_SPECIALS}[family]
     tk.train_from_iterator(_CORPUS * 4, trainer=trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", *extra], show_progress=False,
+        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", *specials], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    named = {"llava": {"image_token": IMAGE_TOKEN},
-             "qwen2_vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                          "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
-             "internvl": {"start_image_token": "<img>", "end_image_token": "</img>",
-                          "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}}[family]
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                  extra_special_tokens=named)
+                                  extra_special_tokens=named_map)
     tok.padding_side = "left"
     # one directory per process and family: reloading through save_pretrained gives the class users get
     d = os.path.join(tempfile.gettempdir(), f"vtprune_tok_{family}_{os.getpid()}")
@@ -57,10 +66,17 @@ def _tokenizer_dir(family: str = "llava") -> str:
     return d
 
 
-def tiny_tokenizer(family: str = "llava"):
+def tiny_tokenizer(family: str = "llava", specials: tuple[str, ...] | None = None,
+                   named: dict[str, str] | None = None):
+    """A tiny byte-level BPE tokenizer (vocab < 512, left padding) saved and reloaded like a real one.
+
+    ``family`` names a kind in ``TOKENIZER_SPECIALS``; a new family passes its own ``specials`` (special tokens,
+    e.g. image and marker tokens) and ``named`` (``{"image_token": "<image>", ...}`` attributes its processor reads)
+    under a new ``family`` name."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(_tokenizer_dir(family))
+    key = tuple(sorted(named.items())) if named is not None else None
+    tok = AutoTokenizer.from_pretrained(_tokenizer_dir(family, tuple(specials) if specials else None, key))
     tok.padding_side = "left"
     return tok
 
