@@ -13,6 +13,7 @@ from what the model does to the features.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ def _vision_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
 class LlavaAdapter(Adapter):
     provides = ("cls_attention", "cls_logits", "vflow_importance", "flow_stats", "grid")
     vision_stage = True
+    #: probe reducer of ``cls_attention``: the [CLS] row; a family whose tower has no [CLS] names its substitute
+    cls_reducer: Callable = staticmethod(cls_row)
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -79,7 +82,7 @@ class LlavaAdapter(Adapter):
         with contextlib.ExitStack() as stack:
             if "cls_attention" in needs:
                 caps["cls_attention"] = stack.enter_context(
-                    self.capture(self._cls_layer(args["vision_feature_layer"]), cls_row))
+                    self.capture(self._cls_layer(args["vision_feature_layer"]), self.cls_reducer))
             if "vflow_importance" in needs:  # VFlowOpt reads the layer that feeds the projector
                 caps["vflow_importance"] = stack.enter_context(
                     self.capture(self._cls_layer(args["vision_feature_layer"]), global_importance))
@@ -170,10 +173,7 @@ class LlavaNextAdapter(LlavaAdapter):
           ``crop_grid`` (the image's crop grid (rows, cols) on every token) and ``coords`` (patch centres in the
           whole image, unpadded geometry): always cheap, built from the layout.
         """
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape,
-            image_size_to_num_patches,
-        )
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
         image_sizes = kwargs.get("image_sizes")
         if image_sizes is None:
@@ -184,9 +184,8 @@ class LlavaNextAdapter(LlavaAdapter):
         feats = list(out.pooler_output)
         cfg = self.model.config
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        per_sub = side * side + (1 if args["vision_feature_select_strategy"] == "full" else 0)
-        n_sub = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
-                                           patch_size=cfg.vision_config.image_size) for s in image_sizes]
+        has_cls = cfg.vision_config.model_type not in _NO_CLS_TOWERS  # "full" keeps [CLS] where the tower has one
+        per_sub = side * side + (1 if args["vision_feature_select_strategy"] == "full" and has_cls else 0)
         rank_rows = None
         if "subimage_rank" in needs:
             row = rows_by_signal["cls_attention"].float()  # [sub-images, per_sub]
@@ -194,14 +193,10 @@ class LlavaNextAdapter(LlavaAdapter):
             order = torch.sort(row, dim=1, descending=True, stable=True).indices  # stable: ties to the lower patch
             rank_rows = torch.empty_like(order).scatter_(1, order, torch.arange(row.shape[1], device=row.device)
                                                          .expand_as(order))
-        # run the model's own packing on source indices; the newline marker is -1
         dev = feats[0].device
-        index_feats = [torch.arange(k * per_sub, device=dev, dtype=torch.float32).view(k, per_sub, 1) for k in n_sub]
-        layout, _ = self.base.pack_image_features(index_feats, image_sizes, args["vision_feature_select_strategy"],
-                                                  image_newline=torch.tensor([-1.0], device=dev))
+        n_sub, layout = self._pack_layout(kwargs, per_sub, args["vision_feature_select_strategy"], dev)
         images, start = [], 0
-        for i, (f, lay) in enumerate(zip(feats, layout)):
-            src = lay.flatten().round().long()
+        for i, (f, src) in enumerate(zip(feats, layout)):
             if src.numel() != f.shape[0]:
                 raise RuntimeError("vtprune: LLaVA-NeXT layout does not match the packed features")
             newline = src < 0
@@ -230,6 +225,24 @@ class LlavaNextAdapter(LlavaAdapter):
             start += n_sub[i]
             images.append(im)
         return images
+
+    def _pack_layout(self, kwargs: dict[str, Any], per_sub: int, strategy: str, dev: torch.device
+                     ) -> tuple[list[int], list[torch.Tensor]]:
+        """Sub-images per image as the tower ran them, and per image the source of every packed token
+        (sub-image · per_sub + patch; -1 = newline), LongTensor[n].
+
+        Read by running the model's own packing on index maps (newline marker -1): LLaVA-NeXT's packing only moves
+        and drops tokens, so the indices come out exact. A family whose packing mixes tokens overrides this.
+        """
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        n_sub = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                           patch_size=cfg.vision_config.image_size) for s in kwargs["image_sizes"]]
+        maps = [torch.arange(k * per_sub, device=dev, dtype=torch.float32).view(k, per_sub, 1) for k in n_sub]
+        layout, _ = self.base.pack_image_features(maps, kwargs["image_sizes"], strategy,
+                                                  image_newline=torch.tensor([-1.0], device=dev))
+        return n_sub, [lay.flatten().round().long() for lay in layout]
 
     @staticmethod
     def _coords(n: int, side: int, n_rows: int, dev: torch.device) -> torch.Tensor:
