@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 
@@ -45,14 +46,22 @@ def batch(family: str, idx: list[int]):
     _, proc = _build(family)
     sizes = FAMILY[family][3]
     images = [tiny_image(*sizes[i], seed=i) for i in idx]
-    return proc(images=images, text=[prompt(family, QUESTIONS[i]) for i in idx], return_tensors="pt", padding=True)
+    return _inputs(proc(images=images, text=[prompt(family, QUESTIONS[i]) for i in idx], return_tensors="pt",
+                        padding=True))
+
+
+def _inputs(out):
+    # PaliGemma's processor also returns training labels (kept for backward compatibility; all -100 without a
+    # suffix): tests pass labels themselves where they mean to
+    out.pop("labels", None)
+    return out
 
 
 def two_images(family: str):
     _, proc = _build(family)
     sizes = FAMILY[family][3]
     imgs = [tiny_image(*sizes[0], seed=1), tiny_image(*sizes[1], seed=2)]
-    return proc(images=imgs, text=[prompt(family, "compare them", 2)], return_tensors="pt")
+    return _inputs(proc(images=imgs, text=[prompt(family, "compare them", 2)], return_tensors="pt"))
 
 
 def is_qwen(family: str) -> bool:
@@ -67,7 +76,57 @@ def forward_positions(family: str, model, inputs, mask=None):
         pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
                                             image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
         return pos
-    return torch.arange(ids.shape[1]).expand_as(ids)
+    return torch.arange(ids.shape[1]).expand_as(ids) + position_offset(model)
+
+
+def _layer_inputs(model, **call) -> list[dict]:
+    """The keyword arguments each decoder layer of the unpruned model receives in ``model(**call)``."""
+    seen: list[dict] = []
+    layers = get_adapter_class(model.config.model_type)(model).decoder_layers()
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k: seen.append(k), with_kwargs=True) for layer in layers]
+    try:
+        with vtprune.disabled(model) if vtprune.is_pruned(model) else contextlib.nullcontext(), torch.no_grad():
+            model(**call)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def position_offset(model) -> int:
+    """The position id the unpruned model's forward gives the first token (PaliGemma counts from 1), read from what its
+    decoder layers receive for a one-token text prompt."""
+    pos = _layer_inputs(model, input_ids=torch.ones(1, 1, dtype=torch.long))[0].get("position_ids")
+    return int(pos.flatten()[0]) if pos is not None else 0
+
+
+def generated(model, inputs, n: int = 1) -> dict:
+    """``inputs`` with ``attention_mask`` and the per-token type ids extended by ``n`` tokens after the prompt, one at a
+    time by the model's own generate rule (PaliGemma: type 1, the causal suffix; the others: text)."""
+    kw = {k: inputs[k] for k in ("attention_mask", "token_type_ids", "mm_token_type_ids") if k in inputs}
+    for _ in range(n):
+        kw = model._update_model_kwargs_for_generation({}, kw, num_new_tokens=1)
+    return {**inputs, **kw}
+
+
+def reference_mask(model, inputs, mask):
+    """``attention_mask`` for the reference run of the unpruned model on the full sequence with the dropped tokens
+    masked (``mask`` 2-D, dropped tokens 0), so that it attends as the pruned model does over its kept tokens.
+
+    That is ``mask`` itself, except in a language model with sliding-window layers: their window counts the tokens the
+    model receives (it is taken over the sequence index, and the sliding cache keeps the last ones), so after pruning
+    it reaches further back. There: the model's own masks for ``mask`` as a {layer type: mask} mapping, the sliding
+    layers' being the full-attention mask limited to keys fewer than ``sliding_window`` kept tokens back."""
+    tc = model.config.get_text_config()
+    types = list(getattr(tc, "layer_types", None) or [])
+    if "sliding_attention" not in types:
+        return mask
+    full = _layer_inputs(model, **{**inputs, "attention_mask": mask})[types.index("full_attention")]["attention_mask"]
+    allowed = full if full.dtype == torch.bool else full == 0
+    rank = mask.long().cumsum(1)
+    near = (rank[:, :, None] - rank[:, None, :] < tc.sliding_window)[:, None]
+    sliding = allowed & near if full.dtype == torch.bool else full.masked_fill(~near, torch.finfo(full.dtype).min)
+    return {"full_attention": full, "sliding_attention": sliding}
 
 
 def batch_invariant_positions(family: str, model, inputs):
@@ -78,8 +137,9 @@ def batch_invariant_positions(family: str, model, inputs):
     return (m.cumsum(1) - 1).clamp(min=0)
 
 
-def compact_positions(family: str, kept_mask):
-    pos = (kept_mask.cumsum(1) - 1).clamp(min=0)
+def compact_positions(family: str, kept_mask, model=None):
+    """Positions counting only the kept tokens (from the model's own first position, when ``model`` is given)."""
+    pos = (kept_mask.cumsum(1) - 1).clamp(min=0) + (position_offset(model) if model is not None else 0)
     return pos[None].expand(3, -1, -1) if is_qwen(family) else pos
 
 

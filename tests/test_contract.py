@@ -14,7 +14,9 @@ from tests.families import (
     batch_invariant_positions,
     compact_positions,
     forward_positions,
+    generated,
     model_and_processor,
+    reference_mask,
     two_images,
     vision_impl,
 )
@@ -102,9 +104,9 @@ def _reference_logits(family, model, inputs, report, positions: str):
         if positions == "preserve":
             pos = forward_positions(family, model, inputs)  # the unpruned prompt's own positions
         else:
-            pos = compact_positions(family, mask)
+            pos = compact_positions(family, mask, model)
     with vtprune.disabled(model), torch.no_grad():
-        out = model(**{**inputs, "attention_mask": mask, "position_ids": pos}).logits
+        out = model(**{**inputs, "attention_mask": reference_mask(model, inputs, mask), "position_ids": pos}).logits
     return out, keep
 
 
@@ -345,13 +347,15 @@ def test_generate_equals_hand_built_reference_decode(family, method):
     ref_logits = []
     with vtprune.disabled(model), torch.no_grad():
         for _ in range(8):
-            logits = model(**{**inputs, "input_ids": ids, "attention_mask": mask, "position_ids": pos}).logits[:, -1]
+            step = {**inputs, "input_ids": ids, "position_ids": pos}
+            logits = model(**{**step, "attention_mask": reference_mask(model, step, mask)}).logits[:, -1]
             logits[:, _suppressed(model)] = float("-inf")  # as suppress_tokens does
             ref_logits.append(logits)
             tok = logits.argmax(-1, keepdim=True)
             ids = torch.cat([ids, tok], 1)
             mask = torch.cat([mask, torch.ones_like(tok)], 1)
             pos = torch.cat([pos, pos[..., -1:] + 1], -1)
+            inputs = generated(model, inputs)  # token type ids of the new token, as generate sets them
     n_in = inputs["input_ids"].shape[1]
     assert torch.equal(out.sequences[0, n_in:], ids[0, n_in:])
     got = torch.stack(out.logits)
