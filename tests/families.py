@@ -29,6 +29,13 @@ def _build(family: str, text_layers: int = 2, vision_layers: int = 2):
     return FAMILY[family][0](text_layers=text_layers, vision_layers=vision_layers)
 
 
+@functools.cache
+def mixes_attention_types(family: str) -> bool:
+    """The family's tiny language model mixes attention types (Gemma 3: sliding-window and full layers): in-LLM stages
+    refuse such a model at prune() (tests/test_llm_stages.py checks the refusal), pre_llm stages run."""
+    return len(set(getattr(_build(family)[0].config.get_text_config(), "layer_types", None) or ())) > 1
+
+
 def model_and_processor(family: str, text_layers: int = 2, vision_layers: int = 2):
     """A fresh copy of the family's tiny model (``text_layers`` decoder layers, ``vision_layers`` ViT layers) and
     its processor."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vtprune
-from tests.families import FAMILIES, batch, model_and_processor
+from tests.families import FAMILIES, batch, mixes_attention_types, model_and_processor
 
 LAYERS = 4  # tiny language models deep enough for stages at layers 1..3
 CONFIGS = {
@@ -28,7 +28,9 @@ IDENTITY = {
     "compose": dict(stages=[{"method": "divprune", "keep": 100_000}, {"method": "fastv", "keep": 100_000,
                                                                         "layer": 2}]),
 }
-CASES = [(f, c) for f in FAMILIES for c in CONFIGS]
+# in-LLM stages refuse language models that mix attention types (test_mixed_attention_types_are_refused)
+LLM_FAMILIES = [f for f in FAMILIES if not mixes_attention_types(f)]
+CASES = [(f, c) for f in LLM_FAMILIES for c in CONFIGS]
 
 
 def _model(family):
@@ -86,7 +88,7 @@ def _reference(model, inputs, kept):
         model(**inputs)
     h.remove()
     hidden, kw = seen["x"]
-    assert kw["attention_mask"] is None  # one sample, no padding: plain causal attention
+    mask = kw["attention_mask"]  # one sample, no padding: None (causal), or the model's own prefix-LM mask
     cos, sin = kw["position_embeddings"]
     pos = kw.get("position_ids")
     current = torch.arange(hidden.shape[1])
@@ -97,7 +99,8 @@ def _reference(model, inputs, kept):
                 assert torch.equal(current[idx], kept[i])
                 hidden, cos, sin, current = hidden[:, idx], cos[:, idx], sin[:, idx], current[idx]
                 pos = pos[..., idx] if pos is not None else None
-            hidden = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos,
+                mask = mask[:, :, idx][..., idx] if mask is not None else None  # kept rows and columns
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=pos,
                            use_cache=False)
         return model.lm_head(lm.norm(hidden))
 
@@ -148,6 +151,23 @@ def test_padded_batch_equals_one_at_a_time(family, name):
             rep1 = vtprune.last_report(model)
             mine = [e for e in rep.images if e.sample == b]
             assert [(e.stage, e.kept.tolist()) for e in mine] == [(e.stage, e.kept.tolist()) for e in rep1.images]
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in LLM_FAMILIES])
+def test_mixed_attention_types_are_refused(family):
+    """Gemma 3 mixes sliding-window and full layers: every in-LLM configuration raises a clear error at prune() and
+    leaves the model as it was (the family's pre_llm methods run: tests/test_contract.py)."""
+    model = _model(family)
+    inputs = batch(family, [0])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    for cfg in CONFIGS.values():
+        with pytest.raises(ValueError, match=r"one attention type in every decoder layer; this model mixes \["):
+            vtprune.prune(model, **cfg)
+        assert not vtprune.is_pruned(model) and "generate" not in model.__dict__
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
 
 
 @pytest.mark.parametrize("family,name", CASES)
@@ -284,7 +304,7 @@ def _flowcut_reference(q, k, v, scale, img, keep, per_head: bool = True):
     return f.topk(keep).indices.sort().values
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", LLM_FAMILIES)
 def test_flowcut_llm_stage_matches_the_reference_math(family):
     """Kept sets equal the reference's on fixed inputs: 3 samples (each alone, no padding) × up to 3 budgets."""
     model = _model(family)
@@ -356,7 +376,7 @@ def test_flowcut_on_llava_still_prunes_inside_the_vit():
     assert {e.stage for e in vtprune.last_report(model).images} == {"vision"}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", LLM_FAMILIES)
 def test_pdrop_scores_with_the_boundary_layers_own_projections(family):
     """PyramidDrop (SELECTORS.md §7.4, invariant 2): a boundary at layer K is scored with layer K's own input norm,
     q/k projections and RoPE on the hidden states entering it — the last prompt token's softmax over all keys
