@@ -285,6 +285,13 @@ class Adapter:
         entry this family's forward expects (by default ``pooler_output`` = the list of per-image features)."""
         return BaseModelOutputWithPooling(pooler_output=features)
 
+    def llm_hooks(self, first: int) -> list[Any]:
+        """Hooks (removable handles) a family needs while in-LLM stages compact the sequence from decoder layer
+        ``first`` on: for per-token inputs the model's own layer loop hands to layers after the compaction (Qwen3-VL
+        adds DeepStack features at the visual positions after its first layers). Removed with the stages' own hooks;
+        none by default."""
+        return []
+
     def image_index(self, input_ids: torch.Tensor) -> torch.Tensor:
         """LongTensor[B, L]: the index, within its sample, of the image every position belongs to (-1 for text),
         for the in-LLM stages (budgets per image). By default one run of placeholder tokens is one image; a family

@@ -115,6 +115,8 @@ class LLMStages:
         for i in range(first, len(self.layers)):
             hook = functools.partial(self._layer_hook, i)
             self.handles.append(self.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+        # the family's own per-token inputs of layers >= first (Qwen3-VL's DeepStack) must follow the compaction
+        self.handles.extend(self.adapter.llm_hooks(first))
 
     def detach(self) -> None:
         for h in self.handles:
