@@ -79,9 +79,10 @@ class Qwen2VLAdapter(Adapter):
                 unit = unit[torch.argsort(window_index.to(unit.device))]
             units[name] = unit
         feats = list(out.pooler_output)
+        extras = self.image_extras(out)
         images, start = [], 0
-        for f, (_, h, w) in zip(feats, grid.tolist()):
-            im = ImageTokens(features=f, grid=(h // merge, w // merge))
+        for i, (f, (_, h, w)) in enumerate(zip(feats, grid.tolist())):
+            im = ImageTokens(features=f, grid=(h // merge, w // merge), extras={k: v[i] for k, v in extras.items()})
             for name, unit in units.items():
                 im.signals[name] = unit[start:start + f.shape[0]]
             if "cls_attention" in units:
@@ -89,6 +90,11 @@ class Qwen2VLAdapter(Adapter):
             start += f.shape[0]
             images.append(im)
         return images
+
+    def image_extras(self, out: Any) -> dict[str, list[torch.Tensor]]:
+        """Per-token encoder outputs the model consumes besides the features (``ImageTokens.extras``): per name, one
+        [n, ...] tensor per image. None for Qwen2-VL; Qwen3-VL's DeepStack features."""
+        return {}
 
     def original_positions(self, kwargs: dict[str, Any], generate: bool) -> torch.Tensor:
         """[3, B, L] (forward) or [4, B, L] (generate: text row first) exactly as the unpruned model lays them out."""
