@@ -11,6 +11,7 @@ import torch
 
 import vtprune
 from tests.families import FAMILIES, batch, mixes_attention_types, model_and_processor
+from vtprune.registry import get_adapter_class
 
 LAYERS = 4  # tiny language models deep enough for stages at layers 1..3
 CONFIGS = {
@@ -61,10 +62,9 @@ def test_identity_when_every_stage_keeps_all(family, name):
 def _stage_kept(model, inputs, report):
     """LM-input positions kept after each llm stage, from the report's per-image kept indices."""
     ids = inputs["input_ids"][0]
-    is_img = ids == model.config.image_token_id
-    starts = is_img & ~torch.nn.functional.pad(is_img[:-1], (1, 0), value=False)
-    img = (starts.long().cumsum(0) - 1).masked_fill(~is_img, -1)
-    text = (~is_img).nonzero().flatten()
+    # the family's own rule for the image of every position (an Idefics3 image spans several placeholder runs)
+    img = get_adapter_class(model.config.model_type)(model).image_index(ids[None])[0]
+    text = (img < 0).nonzero().flatten()
     kept: dict[int, torch.Tensor] = {}
     for e in report.images:
         if not e.stage.startswith("llm:"):
@@ -76,17 +76,24 @@ def _stage_kept(model, inputs, report):
 
 
 def _reference(model, inputs, kept):
-    """Test-side layer loop: full sequence through layers < K, kept rows (hidden, cos/sin, positions) after."""
-    lm = model.model.language_model
+    """Test-side layer loop: full sequence through layers < K, kept rows (hidden, cos/sin, positions) after; DeepStack
+    features (Qwen3-VL) added after their layers at the visual rows still present."""
+    lm = model.get_decoder()
     seen = {}
 
     def grab(mod, args, kwargs):
         seen.setdefault("x", (args[0], dict(kwargs)))
 
+    def grab_lm(mod, args, kwargs):
+        seen["ds"] = (kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds") or [])
+
     h = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    h_lm = lm.register_forward_pre_hook(grab_lm, with_kwargs=True)
     with vtprune.disabled(model), torch.no_grad():
         model(**inputs)
     h.remove()
+    h_lm.remove()
+    vis, deepstack = seen["ds"]
     hidden, kw = seen["x"]
     mask = kw["attention_mask"]  # one sample, no padding: None (causal), or the model's own prefix-LM mask
     cos, sin = kw["position_embeddings"]
@@ -102,6 +109,9 @@ def _reference(model, inputs, kept):
                 mask = mask[:, :, idx][..., idx] if mask is not None else None  # kept rows and columns
             hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=pos,
                            use_cache=False)
+            if i < len(deepstack):
+                rows = vis[0, current]
+                hidden[0, rows] += deepstack[i][vis[0].cumsum(0)[current][rows] - 1]
         return model.lm_head(lm.norm(hidden))
 
 
@@ -177,7 +187,7 @@ def test_reversible(family, name):
     with torch.no_grad():
         ref = model(**inputs).logits
     impls = (model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation)
-    layer_hooks = [dict(layer._forward_pre_hooks) for layer in model.model.language_model.layers]
+    layer_hooks = [dict(layer._forward_pre_hooks) for layer in model.get_decoder().layers]
     vtprune.prune(model, **CONFIGS[name])
     with torch.no_grad():
         model(**inputs)
@@ -187,7 +197,7 @@ def test_reversible(family, name):
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref)
     assert (model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation) == impls
-    assert [dict(layer._forward_pre_hooks) for layer in model.model.language_model.layers] == layer_hooks
+    assert [dict(layer._forward_pre_hooks) for layer in model.get_decoder().layers] == layer_hooks
 
 
 def test_report_per_layer_counts_and_adaptive_counts():
@@ -261,12 +271,12 @@ def _layer_qkv(model, inputs, layer: int):
     eager run: [B, H, L, d] each (key / value with the KV heads)."""
     eager = copy.deepcopy(model)
     eager.set_attn_implementation({"text_config": "eager"})
-    mod = sys.modules[type(eager.model.language_model.layers[layer].self_attn).__module__]
+    mod = sys.modules[type(eager.get_decoder().layers[layer].self_attn).__module__]
     got = {}
     real = mod.eager_attention_forward
 
     def spy(module, query, key, value, *args, **kwargs):
-        if module is eager.model.language_model.layers[layer].self_attn:
+        if module is eager.get_decoder().layers[layer].self_attn:
             got.update(q=query, k=key, v=value, scaling=kwargs.get("scaling"))
         return real(module, query, key, value, *args, **kwargs)
 
