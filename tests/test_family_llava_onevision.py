@@ -164,3 +164,15 @@ def test_multi_image_sample_runs_base_images_with_trailing_newline():
         assert im.newline.nonzero().flatten().tolist() == [PER_SUB]
     ref, keep = _reference_logits(FAMILY, model, inputs, rep, "preserve")
     torch.testing.assert_close(pruned[0], ref[0][keep[0]], rtol=0, atol=1e-5)
+
+
+def test_flowcut_runs_its_llm_stage_variant():
+    """No in-tower FlowCut through AnyRes packing (vision_stage False): flowcut runs in the LLM at its default layer,
+    exactly ``keep`` per image, newline tokens in the pool."""
+    model, _ = model_and_processor(FAMILY, text_layers=4)
+    inputs = batch(FAMILY, [0, 1])
+    vtprune.prune(model, method="flowcut", keep=5)
+    with torch.no_grad():
+        model(**inputs)
+    rep = vtprune.last_report(model)
+    assert {e.stage for e in rep.images} == {"llm:2"} and [e.n_after for e in rep.images] == [5, 5]
