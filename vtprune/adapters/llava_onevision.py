@@ -40,7 +40,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     cls_reducer = staticmethod(received_attention)
     check_method = Adapter.check_method  # cls_attention is served by the substitute above: no [CLS] refusal
 
-    def _run_tower(self, kwargs: dict[str, Any], needs: set[str], extra: dict[str, Any]):
+    def _run_tower(self, kwargs: dict[str, Any], needs: set[str], extra: dict[str, Any]) -> tuple:
         # as the model's forward: an image of a multi-image sample (batch_num_images > 1) runs as its base image only
         return super()._run_tower(kwargs, needs, {**extra, "batch_num_images": kwargs.get("batch_num_images")})
 
