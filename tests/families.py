@@ -36,6 +36,15 @@ def mixes_attention_types(family: str) -> bool:
     return len(set(getattr(_build(family)[0].config.get_text_config(), "layer_types", None) or ())) > 1
 
 
+def in_llm(family: str, method: str) -> bool:
+    """``prune(model, method=...)`` puts a stage inside the language model on this family: the method has no pre_llm
+    form, and no vision-stage form the family's tower runs."""
+    spec = vtprune.registry.get_selector(method)
+    if "pre_llm" in spec.stages:
+        return False
+    return not ("vision" in spec.stages and get_adapter_class(family)(_build(family)[0]).vision_stage)
+
+
 def model_and_processor(family: str, text_layers: int = 2, vision_layers: int = 2):
     """A fresh copy of the family's tiny model (``text_layers`` decoder layers, ``vision_layers`` ViT layers) and
     its processor."""

@@ -16,11 +16,13 @@ import pytest
 import torch
 
 import vtprune
-from tests.families import FAMILIES, batch, model_and_processor
+from tests.families import FAMILIES, batch, generated, in_llm, mixes_attention_types, model_and_processor
 from vtprune.call import output_cache
 from vtprune.registry import get_selector
 
-CASES = [(f, m) for f in FAMILIES for m in vtprune.list_methods() if m != "globalcom2" or f == "llava_next"]
+# in-LLM stages refuse language models mixing attention types (Gemma 3; tests/test_llm_stages.py checks the refusal)
+CASES = [(f, m) for f in FAMILIES for m in vtprune.list_methods() if (m != "globalcom2" or f == "llava_next")
+         and not (mixes_attention_types(f) and in_llm(f, m))]
 SCHEDULED = ("pdrop", "atp")  # methods whose default is a multi-stage schedule, not a keep count
 
 
@@ -39,15 +41,10 @@ def _gen(model) -> dict:
     return {"max_new_tokens": 4, "suppress_tokens": [model.config.image_token_id, 2]}
 
 
-def _continued(inputs, ids: torch.Tensor) -> dict:
-    """inputs for a prompt extended by the tokens after it (generate's own rule: mask 1, text type 0)."""
-    n = ids.shape[1] - inputs["input_ids"].shape[1]
-    out = {**inputs, "input_ids": ids}
-    for key in ("attention_mask", "mm_token_type_ids", "token_type_ids"):
-        if key in inputs:
-            fill = torch.ones if key == "attention_mask" else torch.zeros
-            out[key] = torch.cat([inputs[key], fill(ids.shape[0], n, dtype=inputs[key].dtype)], 1)
-    return out
+def _continued(model, inputs, ids: torch.Tensor) -> dict:
+    """inputs for a prompt extended by the tokens after it (generate's own rule for the mask and token types: mask 1,
+    text; PaliGemma: the causal suffix type)."""
+    return {**generated(model, inputs, ids.shape[1] - inputs["input_ids"].shape[1]), "input_ids": ids}
 
 
 @pytest.mark.parametrize("family,method", CASES)
@@ -174,11 +171,11 @@ def test_reused_cache(family, method):
     cache = output_cache(first)
     in_one_call = model.generate(**inputs, **{**gen, "max_new_tokens": 6})
     # continuing generation from the cache is the same as generating further in one call
-    more = model.generate(**_continued(inputs, first.sequences), past_key_values=copy.deepcopy(cache), **gen)
+    more = model.generate(**_continued(model, inputs, first.sequences), past_key_values=copy.deepcopy(cache), **gen)
     assert torch.equal(more, in_one_call)
     # multi-turn chat: the next user turn after the answer, on the same cache
     turn = proc.tokenizer([" yes no"] * 2, return_tensors="pt", add_special_tokens=False).input_ids
-    conversation = _continued(inputs, torch.cat([first.sequences, turn], 1))
+    conversation = _continued(model, inputs, torch.cat([first.sequences, turn], 1))
     answer = model.generate(**conversation, past_key_values=copy.deepcopy(cache), **gen)
     n = conversation["input_ids"].shape[1]
     assert answer.shape == (2, n + 3) and torch.equal(answer[:, :n], conversation["input_ids"])
@@ -189,7 +186,7 @@ def test_reused_cache(family, method):
     other = batch(family, [2, 1])  # another prompt, followed by this cache's answer, on this cache
     other_ids = torch.cat([other["input_ids"], first.sequences[:, inputs["input_ids"].shape[1]:]], 1)
     with pytest.raises(ValueError, match="whole conversation"):
-        model.generate(**_continued(other, other_ids), past_key_values=cache, **gen)
+        model.generate(**_continued(model, other, other_ids), past_key_values=cache, **gen)
 
 
 BAD_OPTIONS = [
@@ -297,7 +294,9 @@ def test_pickled_pruned_model_prunes_itself(family):
 
     model, _ = _model(family)
     inputs = batch(family, [0, 1])
-    _prune(model, "fastv")  # the in-LLM probe is a registered attention function, named in the pickled config
+    # the in-LLM probe is a registered attention function, named in the pickled config (where in-LLM stages run;
+    # else the vision-tower probe, named there too)
+    _prune(model, "fastervlm" if mixes_attention_types(family) else "fastv")
     with torch.no_grad():
         ref = model(**inputs).logits
     twin_of_unpruned = copy.deepcopy(model)  # after a forward, as the pruned model is
