@@ -43,7 +43,7 @@ KEEP = 8
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     """One saved tiny checkpoint (model + processor) per family, plus a config-only directory of a family vtprune
     does not support (the plugin rejects it before loading weights)."""
-    from transformers import PaliGemmaConfig
+    from transformers import FuyuConfig
 
     root = tmp_path_factory.mktemp("ckpt")
     out = {}
@@ -51,8 +51,8 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(root / name)
         proc.save_pretrained(root / name)
         out[name] = root / name
-    PaliGemmaConfig().save_pretrained(root / "paligemma")
-    out["paligemma"] = root / "paligemma"
+    FuyuConfig().save_pretrained(root / "fuyu")
+    out["fuyu"] = root / "fuyu"
     return out
 
 
@@ -111,7 +111,7 @@ def runs(ckpts, tmp_path_factory) -> dict[str, Future]:
         "qwen_fastervlm": (f'pretrained={qwen},stages=[{{"method":"fastervlm","keep":{KEEP}}}],seed=3', 1),
         "bad_method": (f"pretrained={llava},method=bogus,keep=8", 1),
         "bad_keep": (f"pretrained={llava},method=divprune,keep=-3", 1),
-        "bad_model": (f"pretrained={ckpts['paligemma']},method=divprune,keep=8", 1),
+        "bad_model": (f"pretrained={ckpts['fuyu']},method=divprune,keep=8", 1),
     }
     pool = ThreadPoolExecutor(max_workers=2)
     futures = {name: pool.submit(_cli, tmp_path_factory.mktemp(name), args, procs, "vtprune_synth" if
@@ -356,7 +356,8 @@ def test_cli_two_processes_equal_one(runs):
 @pytest.mark.parametrize("name,text", [
     ("bad_method", "vtprune lmms-eval model: unknown method 'bogus'; valid choices: "),
     ("bad_keep", "vtprune lmms-eval model: keep must be an int ≥ 1 (visual tokens per image), got -3"),
-    ("bad_model", "unsupported model family 'paligemma'; supported model_type values: internvl, llava"),
+    ("bad_model", "unsupported model family 'fuyu'; supported model_type values: "
+                  + ", ".join(vtprune.supported_models())),
 ])
 def test_cli_bad_model_args_show_vtprune_error(runs, name, text):
     run = runs[name].result()
