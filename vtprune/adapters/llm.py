@@ -157,7 +157,7 @@ class LLMStages:
             return
         b, length = input_ids.shape
         run = Run("prefill", lp=length, ids=input_ids, mask2d=attention_mask if attention_mask is not None
-                  else torch.ones_like(input_ids), img=self.adapter.image_index(input_ids),
+                  else torch.ones_like(input_ids), img=self._image_index(c, input_ids),
                   cur=torch.arange(length, device=input_ids.device).expand(b, length))
         first = c.llm_replay
         if c.kind == "generate":
@@ -179,6 +179,19 @@ class LLMStages:
         names = [c.report.stage] + [s.where for s, _ in self.stages]
         c.report.stage = "+".join(dict.fromkeys(n for n in names if n))
         run.report = c.report
+
+    def _image_index(self, c: Any, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] image of every position (-1 text). After a pre_llm stage that dropped tokens it is read on the
+        caller's unpruned prompt and carried through that stage's token map: an image spanning several placeholder
+        runs (Idefics3 tiles) may have lost whole runs, and with them what tells its images apart."""
+        pre = c.session.pre if c.session is not None else None
+        if pre is None or c.report is None or c.report.token_map is None or c.llm_replay is not None:
+            return self.adapter.image_index(input_ids)  # the prompt as the caller gave it (or a replayed step)
+        rows, dev = input_ids.shape[0], input_ids.device
+        tm = repeat_rows(c.report.token_map, rows).to(dev)  # generate's beams repeat each sample in place
+        img = self.adapter.image_index(repeat_rows(pre["orig_ids"], rows).to(dev))
+        img = img.gather(1, tm.clamp(min=0)).masked_fill(tm < 0, -1)
+        return torch.nn.functional.pad(img, (0, input_ids.shape[1] - img.shape[1]), value=-1)
 
     def end(self, c: Any) -> None:
         """Called after every forward: disarm probes, finish the report of a prefill, hand its kept sets on."""
