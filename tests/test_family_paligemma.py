@@ -180,12 +180,14 @@ def test_paligemma_back_to_back_images_get_their_own_budgets():
     assert img.tolist() == list(range(32))  # one run
     index = get_adapter_class("paligemma")(model).image_index(inputs["input_ids"])[0]
     assert index[:32].tolist() == [0] * 16 + [1] * 16 and bool((index[32:] == -1).all())
-    for cfg in (dict(method="divprune", keep=3), dict(method="fastv", keep=3, layer=2)):
+    compose = dict(stages=[{"method": "divprune", "keep": 6}, {"method": "fastv", "keep": 3, "layer": 2}])
+    for cfg, expect in ((dict(method="divprune", keep=3), [(0, 16, 3), (1, 16, 3)]),
+                        (dict(method="fastv", keep=3, layer=2), [(0, 16, 3), (1, 16, 3)]),
+                        (compose, [(0, 16, 6), (1, 16, 6), (0, 6, 3), (1, 6, 3)])):
         pruned = vtprune.prune(copy.deepcopy(model), **cfg)
         with torch.no_grad():
             pruned(**inputs)
-        assert [(e.image, e.n_before, e.n_after) for e in vtprune.last_report(pruned).images] == [(0, 16, 3),
-                                                                                                 (1, 16, 3)]
+        assert [(e.image, e.n_before, e.n_after) for e in vtprune.last_report(pruned).images] == expect
 
 
 def test_gemma3_pan_and_scan_crops_are_images_of_their_own():

@@ -78,7 +78,7 @@ class PaliGemmaAdapter(SiglipGemmaAdapter):
 
     def image_index(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The processor puts several images back to back in one run: a run of a multiple of the model's fixed
-        tokens per image is that many images (a run of another length, e.g. already pruned, is one image)."""
+        tokens per image is that many images (a run of any other length is one image)."""
         n = self.model.config.text_config.num_image_tokens
         out = torch.full_like(input_ids, -1)
         for b, row in enumerate(input_ids == self.image_token_id()):
