@@ -4,8 +4,9 @@ received-attention substitute signal from the last ViT block, all of whose block
 
 DeepStack: features of intermediate ViT blocks, merged like the final ones (one per LLM token), are added to the
 hidden states at the visual positions after the first decoder layers. They are per-token ``extras``: the shared
-rewrite gathers them with the kept indices, so kept tokens get their own and dropped ones none. An ``llm:K`` stage
-that compacts the sequence before the last addition gets the additions after layers ≥ K re-laid on its kept set.
+rewrite gathers them with the kept indices, so kept tokens get their own and dropped ones none (vflowopt's recycled
+summaries carry their anchor token's: the selector merges the final features only). An ``llm:K`` stage that compacts
+the sequence before the last addition gets the additions after layers ≥ K re-laid on its kept set.
 """
 
 from __future__ import annotations
