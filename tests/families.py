@@ -168,3 +168,31 @@ def eager_vision_copy(model):
     eager = copy.deepcopy(model)
     eager.set_attn_implementation({"vision_config": "eager"})
     return eager
+
+
+def grid_positions_by_hand(ids: torch.Tensor, image_token_id: int, h: int, w: int) -> tuple[torch.Tensor, int, int]:
+    """M-RoPE positions [3, L] of a one-image Qwen prompt ``ids`` [L] worked out by hand from its h × w token grid:
+    text 0..first-1; image token j at (first, first + j // w, first + j % w); text resumes at first + max(h, w).
+    Returns (positions, first image position, image tokens)."""
+    first = int((ids == image_token_id).nonzero()[0])
+    n_img = h * w
+    expect = torch.zeros(3, ids.numel(), dtype=torch.long)
+    expect[:, :first] = torch.arange(first)
+    j = torch.arange(n_img)
+    expect[0, first:first + n_img] = first
+    expect[1, first:first + n_img] = first + j // w
+    expect[2, first:first + n_img] = first + j % w
+    expect[:, first + n_img:] = first + max(h, w) + torch.arange(ids.numel() - first - n_img)
+    return expect, first, n_img
+
+
+def lm_call(model, inputs) -> tuple[dict, torch.Tensor]:
+    """(the keyword arguments the language model receives, logits) of one ``model(**inputs)`` under no_grad."""
+    seen: dict = {}
+    h = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+    finally:
+        h.remove()
+    return seen, logits

@@ -180,23 +180,3 @@ def test_tiles_are_crops_and_flowcut_runs_in_the_llm(family):
         model(**batch(family, [0, 1]))
     rep = vtprune.last_report(model)
     assert [(e.stage, e.n_before, e.n_after) for e in rep.images] == [("llm:2", 12, 5), ("llm:2", 20, 5)]
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_vflowopt_batch_equals_single_and_cache_parity(family):
-    """The merging selector (summaries at their anchor slots) over tile runs: a padded batch with 3, 5 and 3 tiles
-    equals each sample alone, and generate with the cache equals generate without."""
-    model, _ = model_and_processor(family)
-    vtprune.prune(model, method="vflowopt", keep=6)
-    kw = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
-              suppress_tokens=[model.config.image_token_id, 2])
-    full = batch(family, [0, 1, 2])
-    with torch.no_grad():
-        a = model.generate(**full, **kw)
-        b = model.generate(**full, use_cache=False, **kw)
-        torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=0, atol=1e-5)
-        assert [(i.n_before, i.n_after) for i in vtprune.last_report(model).images] == [(12, 6), (20, 6), (12, 6)]
-        for s in range(3):
-            one = model.generate(**batch(family, [s]), **kw)
-            torch.testing.assert_close(torch.stack(a.logits)[:, s], torch.stack(one.logits)[:, 0], rtol=0,
-                                       atol=1e-5)

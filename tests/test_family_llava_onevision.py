@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vtprune
-from tests.families import batch, eager_vision_copy, model_and_processor, prompt
+from tests.families import batch, eager_vision_copy, lm_call, model_and_processor, prompt
 from tests.test_contract import _reference_logits
 from vtprune.registry import get_adapter_class
 from vtprune.testing import tiny_image
@@ -19,13 +19,7 @@ PER_SUB = SIDE * SIDE
 
 def _lm_embeds(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, inputs_embeds the language model receives) of one forward."""
-    seen: dict = {}
-    hook = model.model.language_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-    finally:
-        hook.remove()
+    seen, logits = lm_call(model, inputs)
     return logits, seen["inputs_embeds"]
 
 

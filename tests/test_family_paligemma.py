@@ -14,23 +14,11 @@ import pytest
 import torch
 
 import vtprune
-from tests.families import batch, eager_vision_copy, model_and_processor, prompt, reference_mask
+from tests.families import batch, eager_vision_copy, lm_call, model_and_processor, prompt, reference_mask
 from vtprune.registry import get_adapter_class
 from vtprune.testing import tiny_image
 
 FAMILIES = ["paligemma", "gemma3"]
-
-
-def _lm_call(model, inputs) -> tuple[dict, torch.Tensor]:
-    """(the keyword arguments the language model receives, logits) for ``model(**inputs)``."""
-    seen: dict = {}
-    h = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-    finally:
-        h.remove()
-    return seen, logits
 
 
 def _masks(mask) -> dict[str, torch.Tensor]:
@@ -67,9 +55,9 @@ def test_paligemma_prefix_lm_mask_is_the_unpruned_one_on_the_kept_tokens(method)
                             ["a red square", "top left"])
     types = inputs["token_type_ids"]
     assert bool((types == 1).any()) and bool((types == 0).any())
-    full_kw, _ = _lm_call(model, inputs)
+    full_kw, _ = lm_call(model, inputs)
     vtprune.prune(model, method=method, keep=5)
-    kw, logits = _lm_call(model, inputs)
+    kw, logits = lm_call(model, inputs)
     rep = vtprune.last_report(model)
     assert rep.visual_after == 2 * 5 < rep.visual_before
     tm = rep.token_map
@@ -109,10 +97,10 @@ def test_gemma3_masks_full_layers_restricted_sliding_window_over_the_kept_tokens
     assert set(model.config.text_config.layer_types) == {"sliding_attention", "full_attention"}
     w = model.config.text_config.sliding_window
     inputs = batch("gemma3", [0, 1, 2])
-    full_kw, _ = _lm_call(model, inputs)
+    full_kw, _ = lm_call(model, inputs)
     unpruned = _masks(full_kw["attention_mask"])
     vtprune.prune(model, method="divprune", keep=4)
-    kw, logits = _lm_call(model, inputs)
+    kw, logits = lm_call(model, inputs)
     tm = vtprune.last_report(model).token_map
     got = _masks(kw["attention_mask"])
     full, real = _restrict(unpruned["full_attention"], tm)
@@ -148,7 +136,7 @@ def test_paligemma_positions_are_1_based_and_continue_across_kinds_of_calls():
     model, _ = model_and_processor("paligemma")
     inputs = batch("paligemma", [1])
     vtprune.prune(model, method="divprune", keep=5)
-    kw, _ = _lm_call(model, inputs)
+    kw, _ = lm_call(model, inputs)
     tm = vtprune.last_report(model).token_map
     assert torch.equal(kw["position_ids"], tm + 1)
     gen = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True,

@@ -111,40 +111,8 @@ def test_llm_stage_before_the_last_deepstack_layer_adds_the_kept_rows_features(f
     assert not lm._forward_pre_hooks and not lm._forward_hooks
 
 
-def test_3d_positions_of_kept_tokens_are_the_models_own():
-    model, _ = model_and_processor("qwen3_vl")
-    inputs = batch("qwen3_vl", [0])  # one 128x96 image -> grid_thw (1, 6, 8) -> 3 x 4 LLM tokens
-    _, gh, gw = inputs["image_grid_thw"][0].tolist()
-    h, w = gh // 2, gw // 2
-    ids = inputs["input_ids"][0]
-    first = int((ids == model.config.image_token_id).nonzero()[0])
-    n_img = h * w
-    # by hand: text 0..first-1; image token j at (first, first + j // w, first + j % w); text resumes at first+max(h,w)
-    expect = torch.zeros(3, ids.numel(), dtype=torch.long)
-    expect[:, :first] = torch.arange(first)
-    j = torch.arange(n_img)
-    expect[0, first:first + n_img] = first
-    expect[1, first:first + n_img] = first + j // w
-    expect[2, first:first + n_img] = first + j % w
-    expect[:, first + n_img:] = first + max(h, w) + torch.arange(ids.numel() - first - n_img)
-    with torch.no_grad():
-        assert torch.equal(forward_positions("qwen3_vl", model, inputs)[:, 0], expect)  # the model's own code
-    vtprune.prune(model, method="fastervlm", keep=5)
-    seen = []
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw.get("position_ids")), with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False,
-                             suppress_tokens=[model.config.image_token_id])
-    handle.remove()
-    kept = vtprune.last_report(model).images[0].kept
-    cols = torch.cat([torch.arange(first), first + kept, torch.arange(first + n_img, ids.numel())])
-    assert torch.equal(seen[0][:, 0], expect[:, cols])  # forward: [3, B, L'] on the unpruned layout
-    assert torch.equal(seen[1][1:, 0], expect[:, cols])  # generate's prefill: the same M-RoPE rows
-    nxt = int(expect.max()) + 1  # decoding continues after the unpruned prompt's largest position
-    assert [int(p[1:, 0, -1].unique()) for p in seen[2:]] == [nxt, nxt + 1]
-    assert out.shape[1] == ids.numel() + 3
+# 3-D positions of kept tokens (by hand and the model's own) and decoding after the unpruned maximum: the shared
+# Qwen test, tests/test_qwen_internvl.py::test_qwen_3d_positions_of_kept_tokens_match_the_grid_by_hand[qwen3_vl*]
 
 
 def test_received_attention_and_vflow_importance_equal_eager():
@@ -213,13 +181,8 @@ def test_errors_name_the_problem():
     inputs = dict(batch("qwen3_vl", [0]))
     with pytest.raises(ValueError, match="'globalcom2' needs the signal"):  # no crop layout in Qwen's inputs
         vtprune.prune(model, method="globalcom2", keep=4)
+    # the errors Qwen3-VL shares with Qwen2-VL (grid, token types, video): tests/test_qwen_internvl.py::test_qwen_errors
     vtprune.prune(model, method="divprune", keep=4)
-    with pytest.raises(ValueError, match="image_grid_thw"):
-        model(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
-    with pytest.raises(ValueError, match="mm_token_type_ids"):
-        model(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"})
-    with pytest.raises(ValueError, match="video inputs.*not supported.*disabled"):
-        model(**inputs, pixel_values_videos=torch.zeros(16, 1536), video_grid_thw=torch.tensor([[2, 2, 2]]))
     with torch.no_grad():
-        model(**inputs)  # still works after the errors
+        model(**inputs)
     assert vtprune.last_report(model).images[0].n_after == 4

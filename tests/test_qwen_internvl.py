@@ -9,7 +9,14 @@ import torch
 from transformers import AttentionInterface
 
 import vtprune
-from tests.families import batch, eager_vision_copy, model_and_processor, prompt
+from tests.families import (
+    batch,
+    eager_vision_copy,
+    forward_positions,
+    grid_positions_by_hand,
+    model_and_processor,
+    prompt,
+)
 from vtprune.testing import tiny_image
 
 
@@ -23,24 +30,16 @@ def _lm_positions(model):
     return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_qwen_3d_positions_of_kept_tokens_match_the_grid_by_hand(family):
     model, proc = model_and_processor(family)
-    inputs = batch(family, [0])  # one 120x90 image -> grid_thw (1, 6, 8) -> 3 x 4 LLM tokens
+    inputs = batch(family, [0])  # one image -> grid_thw (1, 6, 8) -> 3 x 4 LLM tokens
     t, gh, gw = inputs["image_grid_thw"][0].tolist()
     h, w = gh // 2, gw // 2
     ids = inputs["input_ids"][0]
-    first = int((ids == model.config.image_token_id).nonzero()[0])
-    n_img = h * w
-    # by hand: text 0..first-1; image token j at (first, first + j // w, first + j % w); text resumes at first+max(h,w)
-    expect = torch.zeros(3, ids.numel(), dtype=torch.long)
-    expect[:, :first] = torch.arange(first)
-    j = torch.arange(n_img)
-    expect[0, first:first + n_img] = first
-    expect[1, first:first + n_img] = first + j // w
-    expect[2, first:first + n_img] = first + j % w
-    rest = ids.numel() - first - n_img
-    expect[:, first + n_img:] = first + max(h, w) + torch.arange(rest)
+    expect, first, n_img = grid_positions_by_hand(ids, model.config.image_token_id, h, w)
+    with torch.no_grad():
+        assert torch.equal(forward_positions(family, model, inputs)[:, 0], expect)  # the model's own code agrees
 
     vtprune.prune(model, method="fastervlm", keep=5)
     seen, handle = _lm_positions(model)
@@ -131,16 +130,19 @@ def test_internvl_cls_probe_equals_eager_and_shuffle_groups():
     assert [im.features.shape[0] for im in images] == [12, 4]
 
 
-def test_qwen_errors():
-    model, _ = model_and_processor("qwen2_vl")
-    inputs = dict(batch("qwen2_vl", [0]))
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_qwen_errors(family):
+    model, _ = model_and_processor(family)
+    inputs = dict(batch(family, [0]))
+    vc = model.config.vision_config
     vtprune.prune(model, method="divprune", keep=4)
     with pytest.raises(ValueError, match="image_grid_thw"):
         model(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
     with pytest.raises(ValueError, match="mm_token_type_ids"):
         model(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"})
     with pytest.raises(ValueError, match="video inputs.*not supported.*disabled"):
-        model(**inputs, pixel_values_videos=torch.zeros(4, 1176), video_grid_thw=torch.tensor([[2, 2, 2]]))
+        model(**inputs, pixel_values_videos=torch.zeros(4, 3 * vc.temporal_patch_size * vc.patch_size ** 2),
+              video_grid_thw=torch.tensor([[2, 2, 2]]))
     with torch.no_grad():
         model(**inputs)  # still works after the errors
     assert vtprune.last_report(model).images[0].n_after == 4

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vtprune
-from tests.families import batch, eager_vision_copy, model_and_processor
+from tests.families import FAMILIES, batch, eager_vision_copy, model_and_processor
 from vtprune.selectors.vflowopt import _cells, vflowopt_select
 
 
@@ -66,7 +66,7 @@ def test_importance_probe_equals_eager_attention():
     torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_pipeline_batch_equals_single_and_cache_parity(family):
     model, _ = model_and_processor(family)
     vtprune.prune(model, method="vflowopt", keep=6)
