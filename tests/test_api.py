@@ -159,7 +159,7 @@ def test_select_tokens_runs_each_method():
         if m == "globalcom2":  # needs a thumbnail + crops layout: covered in tests/test_holov_globalcom2.py
             continue
         idx = vtprune.select_tokens(m, f, keep=5, cls_attention=a, text_attention=a, layer_attention=a,
-                                    vflow_importance=a, grid=(4, 4),
+                                    vflow_importance=a, prefill_attention=a, action_attention=a, grid=(4, 4),
                                     flow_stats=torch.rand(2, 3, 16))
         # a LongTensor for every method, merging ones too (the README's promise); vflowopt's merged tokens come with
         # a pruned model's forward
@@ -206,7 +206,7 @@ def test_public_api_surface():
     assert set(vtprune.__all__) >= {"prune", "unprune", "is_pruned", "disabled", "last_report", "select_tokens",
                                     "list_methods", "supported_models", "PruneConfig"}
     assert vtprune.list_methods() == ["atp", "divprune", "fastervlm", "fastv", "flowcut", "globalcom2", "holov",
-                                      "pdrop", "random", "uniform", "vflowopt"]
+                                      "pdrop", "random", "uniform", "vflowopt", "vla_pruner"]
     families = vtprune.supported_models()  # family files add themselves (registry); the first five are always there
     assert families == sorted(families)
     assert {"internvl", "llava", "llava_next", "qwen2_5_vl", "qwen2_vl"} <= set(families)

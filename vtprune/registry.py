@@ -24,6 +24,7 @@ _SELECTORS: dict[str, str] = {
     "flowcut": "vtprune.selectors.flowcut:SPEC",
     "holov": "vtprune.selectors.holov:SPEC",
     "globalcom2": "vtprune.selectors.globalcom2:SPEC",
+    "vla_pruner": "vtprune.selectors.vla_pruner:SPEC",
 }
 
 # HF model_type -> "module:attribute" of an adapter class registered at run time (register_adapter)

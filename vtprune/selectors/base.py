@@ -37,6 +37,10 @@ SIGNALS: dict[str, str] = {
                      "cls_attention among all patches of its sub-image before unpadding removed any",
     "crop_grid": "LongTensor[B, N, 2]: the image's crop grid (rows, cols) on every token, (0, 0) without crops; "
                  "crop id = 1 + r·cols + c",
+    "prefill_attention": "FloatTensor[B, N]: attention each visual token receives at LLM layer K-1: column mean over "
+                         "all prompt query rows, head mean (VLA-Pruner's semantic criterion)",
+    "action_attention": "FloatTensor[B, N]: temporal estimate, from earlier control steps, of the attention the "
+                        "action-decode tokens pay to each visual token, unit sum per row (VLA-Pruner)",
 }
 
 
