@@ -10,7 +10,7 @@
 Importing vtprune imports no triton, no transformers model code and touches no CUDA.
 """
 
-from .api import disabled, is_pruned, last_report, prune, select_tokens, unprune
+from .api import disabled, episode, is_pruned, last_report, prune, reset, select_tokens, unprune
 from .config import PruneConfig, StageSpec
 from .demo_models import demo_model
 from .registry import list_methods, register_selector, supported_models
@@ -20,11 +20,13 @@ __all__ = [
     "StageSpec",
     "demo_model",
     "disabled",
+    "episode",
     "is_pruned",
     "last_report",
     "list_methods",
     "prune",
     "register_selector",
+    "reset",
     "select_tokens",
     "supported_models",
     "unprune",

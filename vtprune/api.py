@@ -1,4 +1,4 @@
-"""The public calls: prune, unprune, is_pruned, disabled, last_report, select_tokens."""
+"""The public calls: prune, unprune, is_pruned, disabled, episode, reset, last_report, select_tokens."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from . import call as calls
+from . import episode as _episode
 from .call import Session, cache_of, cached_length, repeat_rows, session_of
 from .config import PruneConfig
 from .registry import get_adapter_class, get_selector, run_selector
@@ -176,6 +177,30 @@ def disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 def _enabled(state: _State) -> bool:
     return id(state.adapter) not in _DISABLED.get()
+
+
+@contextlib.contextmanager
+def episode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """A robot episode: calls inside the block share a fresh history for temporal selectors (``vla_pruner``),
+    separate from other threads and blocks; it is dropped when the block ends."""
+    state = _state(model)
+    if state is None:
+        raise ValueError("model is not pruned by vtprune; episode() needs a pruned model")
+    with _episode.opened(state.adapter):
+        yield model
+
+
+def reset(model: torch.nn.Module, rows: list[int] | None = None) -> None:
+    """Start a new episode for temporal selectors (``vla_pruner``): clear the active history (that of the enclosing
+    ``episode()`` block, else the calling thread's). ``rows=[i, ...]``: only those batch rows (vectorised
+    environments that started a new episode while the others go on)."""
+    state = _state(model)
+    if state is None:
+        raise ValueError("model is not pruned by vtprune; call vtprune.prune(model, ...) first")
+    if rows is not None and (not isinstance(rows, (list, tuple)) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rows)):
+        raise ValueError(f"rows must be a list of batch row indices (ints >= 0), got {rows!r}")
+    _episode.active(state.adapter, state.local).reset(None if rows is None else list(rows))
 
 
 def last_report(model: torch.nn.Module) -> PruneReport | None:
@@ -371,6 +396,10 @@ class _Generate:
                 out = _restore_prompt(out, kw["input_ids"], new["input_ids"].shape[1])
             return out
         finally:
+            if state.llm is not None and c.actions:
+                details = state.llm.close_step(c)
+                if c.report is not None and details:
+                    c.report.details.update(details)
             state.local.report = c.report
             calls.close_call(c)
 

@@ -51,6 +51,7 @@ class Call:
     llm_replay: dict[str, Any] | None = None  # in-LLM decisions of this generate call, replayed without a cache
     step: Any = None  # the running forward's in-LLM state (adapters.llm.Run)
     session: Session | None = None  # to attach to the cache this call's prefill filled
+    actions: dict | None = None  # (row, image) -> (sum, count) of the action attention this call recorded
     _token: Any = None
 
 

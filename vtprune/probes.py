@@ -101,6 +101,29 @@ def received_attention(query, key, value, attention_mask, scaling, kwargs, block
     return out
 
 
+def received_causal(query, key, value, attention_mask, scaling, kwargs, block: int = 512) -> torch.Tensor:
+    """Attention each token receives in a language-model layer, head mean, averaged over every query row that
+    attends to anything (VLA-Pruner's semantic criterion): [B, L]. The model's 4-D mask is used when it passes one;
+    with none (SDPA's own causal path) the causal mask is applied here. Padding query rows, which attend to nothing,
+    are left out of the mean. Streamed over query blocks: O(H·block·L) memory."""
+    b, h, q_len, _ = query.shape
+    k_len = key.shape[2]
+    total = torch.zeros(b, k_len, dtype=torch.float32, device=query.device)
+    rows = torch.zeros(b, 1, dtype=torch.float32, device=query.device)
+    for r in range(0, q_len, block):
+        e = min(r + block, q_len)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            m = attention_mask[:, :, r:e, :k_len]
+        else:  # queries are the last q_len positions of the k_len keys
+            qpos = torch.arange(r, e, device=query.device) + (k_len - q_len)
+            m = (torch.arange(k_len, device=query.device)[None, :] <= qpos[:, None])[None, None]
+        p = _probs(query[:, :, r:e], key, scaling, m).mean(1)  # [B, rows, L]
+        ok = torch.isfinite(p).all(-1, keepdim=True)
+        total += torch.where(ok, p, 0.0).sum(1)
+        rows += ok.float().sum(1)
+    return total / rows.clamp(min=1)
+
+
 def _make_probe(base: str) -> Callable:
     def probe(module, query, key, value, attention_mask, *args, **kwargs):
         armed = _ARMED.get()

@@ -92,6 +92,8 @@ class PruneReport:
     layer_visual_tokens: torch.Tensor | None = None
     #: per sample, visual tokens averaged over the LLM layers (the number papers mean by "average 144")
     avg_visual_per_layer: list[float] = field(default_factory=list)
+    #: method-specific facts of this call (VLA-Pruner: warm-up per row, kept tokens per criterion, recorded steps)
+    details: dict = field(default_factory=dict)
 
     @property
     def visual_before(self) -> int:

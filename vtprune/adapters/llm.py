@@ -29,22 +29,25 @@ import torch
 from ..call import Session, current, repeat_rows
 from ..config import PruneConfig, StageSpec
 from ..kernels import gather_tokens
-from ..probes import Capture, ProbeStop, flow_stats_over, last_flow_logits, last_row, probe_name
+from ..probes import Capture, ProbeStop, flow_stats_over, last_flow_logits, last_row, probe_name, received_causal
 from ..registry import get_selector
 from ..report import ImageReport, PruneReport, prefill_flops
 from ..selection import Offer, select
 from .base import left_compact
 
 #: selector signals an llm:K stage can provide, each read from layer K−1's attention call (last prompt token)
-LLM_SIGNALS = {"text_attention": last_row, "flow_stats": last_flow_logits}
+LLM_SIGNALS = {"text_attention": last_row, "flow_stats": last_flow_logits, "prefill_attention": received_causal}
 #: per-image finishing of a captured row, once the image's positions are known (FlowCut normalises over them)
 SIGNAL_OVER_IMAGE = {"flow_stats": flow_stats_over}
 #: selector signals read from the stage layer K itself before it runs: its own input norm, q/k projections and RoPE
 #: on the hidden states entering it (PyramidDrop), the last prompt token's row
 STAGE_SIGNALS = {"layer_attention": last_row}
+#: signals read from the episode's history (temporal selectors: VLA-Pruner's action attention)
+EPISODE_SIGNALS = ("action_attention",)
 #: every signal an llm:K stage provides, whatever the family
-IN_LLM_SIGNALS = (*LLM_SIGNALS, *STAGE_SIGNALS)
-SIGNAL_NAMES = {"text_attention": "text_attention(last prompt token", "layer_attention": "layer_attention(last "
+IN_LLM_SIGNALS = (*LLM_SIGNALS, *STAGE_SIGNALS, *EPISODE_SIGNALS)
+SIGNAL_NAMES = {"text_attention": "text_attention(last prompt token", "prefill_attention": "prefill_attention("
+                "every prompt token", "layer_attention": "layer_attention(last "
                 "prompt token, the stage layer's own projections", "flow_stats": "flow_stats(last prompt token's "
                 "query and value"}
 
@@ -75,6 +78,8 @@ class Run:
     ids: torch.Tensor | None = None  # the prompt as the language model saw it
     captures: dict[tuple[int, str], Capture] = field(default_factory=dict)
     report: PruneReport | None = None
+    embeds: torch.Tensor | None = None  # [B, lp, D] the layer-0 input embeddings (selectors that ask for them)
+    record: Capture | None = None  # the action-attention probe of a temporal stage (VLA-Pruner)
 
 
 class LLMStages:
@@ -91,6 +96,17 @@ class LLMStages:
         self.probes = sorted({(s.layer - 1, r) for s, spec in self.stages for r in spec.requires if r in LLM_SIGNALS})
         self.probe_layers = sorted({layer for layer, _ in self.probes})
         self.scores_own_layer = any(r in STAGE_SIGNALS for _, spec in self.stages for r in spec.requires)
+        self.wants_embeddings = any(getattr(spec, "features", "hidden") == "embeddings" for _, spec in self.stages)
+        # a temporal stage (VLA-Pruner) records each control step's action->vision attention at one layer
+        self.temporal = next(((s, spec) for s, spec in self.stages if "action_attention" in spec.requires), None)
+        n = len(self.layers)
+        self.record_layer = None
+        if self.temporal is not None:
+            r = self.temporal[0].options.get("record_layer")
+            # the reference reads layer 15 of OpenVLA's 32: about half the depth
+            self.record_layer = min(n - 1, round(15 / 32 * n)) if r is None else int(r)
+            if not 0 <= self.record_layer < n:
+                raise ValueError(f"vla_pruner record_layer={r} is outside the language model's layers 0..{n - 1}")
         self.handles: list[Any] = []
         self._saved_impl: str | None = None
 
@@ -105,13 +121,15 @@ class LLMStages:
                                              for s, _ in self.stages):
             raise ValueError("scoring a stage with its own layer's projections needs decoder layers with an "
                              "input_layernorm (Llama / Qwen-style); this language model has none")
-        if self.probe_layers or self.scores_own_layer:
+        if self.probe_layers or self.scores_own_layer or self.temporal is not None:
             self._saved_impl = text_cfg._attn_implementation
             if self._saved_impl not in ("sdpa", "eager"):
                 raise ValueError(f"in-LLM stages support language models on 'sdpa' or 'eager' attention, got "
                                  f"{self._saved_impl!r}; load the model with attn_implementation='sdpa'")
             self.adapter.model.set_attn_implementation({"text_config": probe_name(self._saved_impl)})
         first = self.stages[0][0].layer
+        if self.wants_embeddings:  # the layer-0 input embeddings of the prompt, for selectors that score on them
+            self.handles.append(self.layers[0].register_forward_pre_hook(self._embeddings_hook, with_kwargs=True))
         for i in range(first, len(self.layers)):
             hook = functools.partial(self._layer_hook, i)
             self.handles.append(self.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
@@ -146,7 +164,8 @@ class LLMStages:
                     raise ValueError(f"this KV cache was filled by a pruned call of {rows} rows, but this call has "
                                      f"{input_ids.shape[0]}; continue a cache with the batch that filled it")
                 c.step = Run("decode", lp=llm["lp"], stage_cur=llm["stage_cur"], q=input_ids.shape[1],
-                             kv=cached + input_ids.shape[1])
+                             kv=cached + input_ids.shape[1], img=llm.get("img"))
+                self._arm_record(c.step)
             return
         if input_ids is None:
             if kwargs.get("inputs_embeds") is not None:
@@ -155,6 +174,10 @@ class LLMStages:
             return
         if not bool((input_ids == self.adapter.image_token_id()).any()):
             return
+        if self.temporal is not None and c.kind != "generate":
+            raise ValueError(f"{self.temporal[1].name} keeps the tokens a control step's actions attend to, which it "
+                             "learns from the action tokens each step decodes: call model.generate(...) (a policy "
+                             "that emits action tokens), not a bare forward")
         b, length = input_ids.shape
         run = Run("prefill", lp=length, ids=input_ids, mask2d=attention_mask if attention_mask is not None
                   else torch.ones_like(input_ids), img=self._image_index(c, input_ids),
@@ -171,6 +194,8 @@ class LLMStages:
             cap = Capture(self.layers[layer].self_attn, LLM_SIGNALS[r])
             cap.__enter__()
             run.captures[(layer, r)] = cap
+        if run.replay is not None:  # no cache: this prefill re-runs the prompt plus the action tokens so far
+            self._arm_record(run)
         c.step = run
         if run.replay is not None:
             return  # a replayed step reports nothing new; the call keeps the first prefill's report
@@ -198,6 +223,9 @@ class LLMStages:
         run, c.step = c.step, None
         if run is None:
             return
+        if run.record is not None:
+            run.record.__exit__(None, None, None)
+            self._record(c, run)
         for cap in reversed(list(run.captures.values())):  # probes nest: disarm in reverse order
             cap.__exit__(None, None, None)
         if run.phase != "prefill" or run.replay is not None:
@@ -207,7 +235,7 @@ class LLMStages:
         if run.stage_cur:
             if c.session is None:
                 c.session = Session()
-            c.session.llm = {"lp": run.lp, "stage_cur": dict(run.stage_cur), "ids": run.ids}
+            c.session.llm = {"lp": run.lp, "stage_cur": dict(run.stage_cur), "ids": run.ids, "img": run.img}
         self._finish_report(run)
 
     # ---- layer hooks --------------------------------------------------------------------------------------------
@@ -300,7 +328,8 @@ class LLMStages:
                 raise RuntimeError("vtprune: the language-model attention probe did not fire; the attention "
                                    "implementation was changed after prune — unprune and prune again")
             rows[r] = res[-1]  # [B, L_cur] or [B, C, L_cur]: from the last prompt token in layer K-1
-        where, offers = [], []
+        episode = self._episode() if "action_attention" in spec.requires else None
+        where, offers, warm = [], [], []
         for bi in range(b):
             for j in range(int(img[bi].max()) + 1):
                 pos = (img[bi] == j).nonzero().flatten()
@@ -309,14 +338,99 @@ class LLMStages:
                     signals[r] = row[bi][..., pos]
                     if r in SIGNAL_OVER_IMAGE:
                         signals[r] = SIGNAL_OVER_IMAGE[r](signals[r])
+                budget = stage.budget(pos.numel(), of=int((run.img[bi] == j).sum()))
+                if episode is not None:
+                    estimate = self._action_estimate(episode, stage, bi, j, run, run.cur[bi][pos])
+                    warm.append(estimate is None)
+                    if estimate is None:  # warm-up: the first steps of an episode run unpruned (and record)
+                        budget = pos.numel()
+                        estimate = torch.zeros(pos.numel(), device=hidden.device)
+                    signals["action_attention"] = estimate
+                feats = run.embeds[bi, run.cur[bi][pos]] if getattr(spec, "features", "hidden") == "embeddings" \
+                    else hidden[bi, pos]
                 where.append((bi, j, pos))
-                offers.append(Offer(hidden[bi, pos], stage.budget(pos.numel(), of=int((run.img[bi] == j).sum())), j,
-                                    signals))
+                offers.append(Offer(feats, budget, j, signals))
         choices = select(spec, stage.options, self.seed, offers)
         for (bi, _, pos), ch in zip(where, choices):
             keep[bi, pos[ch.index]] = True
         self._stage_entries(run, stage, spec, img, keep, where, choices)
+        if episode is not None and run.report is not None:  # per control step: warm-up, kept per criterion
+            from ..selectors.vla_pruner import criterion_counts
+
+            steps = run.report.details.setdefault("vla_pruner", [])
+            for (bi, j, _), o, ch, w in zip(where, offers, choices, warm):
+                counts = [0, 0, 0] if w else criterion_counts(
+                    ch.index[None], o.signals["prefill_attention"][None], o.signals["action_attention"][None],
+                    o.keep)[0].tolist()
+                steps.append({"sample": bi, "image": j, "warmup": w, "kept": int(ch.index.numel()),
+                              "semantic_only": counts[0], "action_only": counts[1], "both": counts[2]})
         return left_compact(keep)
+
+    # ---- temporal stages (VLA-Pruner) -----------------------------------------------------------------------------
+    def _episode(self) -> Any:
+        from ..episode import active
+
+        return active(self.adapter, self.adapter.model.__dict__["_vtprune_state"].local)
+
+    def _action_estimate(self, episode: Any, stage: StageSpec, row: int, image: int, run: Run,
+                         positions: torch.Tensor) -> torch.Tensor | None:
+        """The temporal estimate of the action attention over the image's current tokens (LM-input ``positions``),
+        or None while the row's episode has fewer than ``window`` recorded steps (warm-up)."""
+        from ..selectors.vla_pruner import temporal_estimate
+
+        window = int(stage.options.get("window", 3))
+        hist = episode.history(row, image, window)
+        if len(hist) < window:
+            return None
+        est = temporal_estimate([h[None].to(positions.device) for h in hist], float(stage.options.get("gamma", 0.8)),
+                                stage.options.get("weighting", "paper"))[0]
+        first = (run.img[row] == image).nonzero().flatten()  # the image's LM-input positions: its slot order
+        return est[torch.searchsorted(first, positions)]
+
+    def _arm_record(self, run: Run) -> None:
+        if self.record_layer is not None:
+            run.record = Capture(self.layers[self.record_layer].self_attn, last_row)
+            run.record.__enter__()
+
+    def _record(self, c: Any, run: Run) -> None:
+        """Add this forward's action token (the last query at the record layer) to the call's action attention:
+        head-mean attention over the image slots, slots the stages dropped counting 0 (the reference's scatter)."""
+        if not run.record.results or run.img is None:
+            return
+        att = run.record.results[-1].float()  # [B, keys] of the newest token
+        r = self.record_layer
+        s = max((k for k in run.stage_cur if self.stages[k][0].layer <= r), default=None)
+        b = att.shape[0]
+        keys = run.stage_cur[s] if s is not None else torch.arange(run.lp, device=att.device).expand(b, -1)
+        acc = c.actions if c.actions is not None else {}
+        for bi in range(b):
+            for j in range(int(run.img[bi].max()) + 1):
+                first = (run.img[bi] == j).nonzero().flatten()
+                vec = torch.zeros(first.numel(), device=att.device)
+                ks = keys[bi]
+                here = (ks >= 0) & (run.img[bi].gather(0, ks.clamp(min=0)) == j)
+                vec[torch.searchsorted(first, ks[here])] = att[bi, : ks.numel()][here]
+                total, count = acc.get((bi, j), (0.0, 0))
+                acc[(bi, j)] = (total + vec, count + 1)
+        c.actions = acc
+
+    def close_step(self, c: Any) -> dict[str, Any] | None:
+        """End of a control step (a ``generate`` call): its mean action attention goes into the episode."""
+        if self.temporal is None or not c.actions:
+            return None
+        episode, window = self._episode(), int(self.temporal[0].options.get("window", 3))
+        rows: dict[int, dict[int, torch.Tensor]] = {}
+        for (bi, j), (total, count) in c.actions.items():
+            rows.setdefault(bi, {})[j] = (total / count).cpu()
+        for bi, vectors in rows.items():
+            episode.record(bi, vectors, window)
+        return {"recorded_steps": [episode.steps(bi) for bi in sorted(rows)]}
+
+    def _embeddings_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        c = current(self.adapter)
+        run = c.step if c is not None else None
+        if run is not None and run.phase == "prefill":
+            run.embeds = (args[0] if args else kwargs["hidden_states"]).detach()
 
     @staticmethod
     def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,9 @@ class SelectorSpec:
     adaptive: bool = False
     #: returns (indices, tokens): some kept slots receive merged tokens instead of their own features (vflowopt)
     merges: bool = False
+    #: what an llm:K stage passes as ``features``: "hidden" (the hidden states entering layer K) or "embeddings"
+    #: (the layer-0 input embeddings of the same tokens; VLA-Pruner's diversity filter)
+    features: str = "hidden"
     #: ``check_options(options)`` raises ValueError naming a bad option value and its valid range; called by
     #: ``prune()`` with the options the user gave, so a bad value fails before the model is touched
     check_options: Callable[[dict[str, Any]], None] | None = None

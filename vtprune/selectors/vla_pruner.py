@@ -200,6 +200,7 @@ SPEC = SelectorSpec(
     stages=("llm",),
     text_guided=True,
     default_layer=3,
+    features="embeddings",  # the diversity filter works on the layer-0 input embeddings (§6.8 invariant 7)
     options=dict(OPTION_DEFAULTS),
     check_options=check_options,
     description="VLA-Pruner (arXiv 2511.16449): union of the top-keep tokens by prefill attention at layer K-1 and "
