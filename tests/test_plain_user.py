@@ -17,12 +17,15 @@ import torch
 
 import vtprune
 from tests.families import FAMILIES, batch, generated, in_llm, mixes_attention_types, model_and_processor
+from vtprune.adapters.llm import EPISODE_SIGNALS
 from vtprune.call import output_cache
 from vtprune.registry import get_selector
 
-# in-LLM stages refuse language models mixing attention types (Gemma 3; tests/test_llm_stages.py checks the refusal)
+# in-LLM stages refuse language models mixing attention types (Gemma 3; tests/test_llm_stages.py checks the refusal);
+# methods that learn from decoded actions over an episode (vla_pruner) have their policy tests: tests/test_vla_policy.py
 CASES = [(f, m) for f in FAMILIES for m in vtprune.list_methods() if (m != "globalcom2" or f == "llava_next")
-         and not (mixes_attention_types(f) and in_llm(f, m))]
+         and not (mixes_attention_types(f) and in_llm(f, m))
+         and not set(get_selector(m).requires) & set(EPISODE_SIGNALS)]
 SCHEDULED = ("pdrop", "atp")  # methods whose default is a multi-stage schedule, not a keep count
 
 
