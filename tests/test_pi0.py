@@ -324,13 +324,9 @@ def test_bad_input_raises_clearly_and_leaves_the_policy_usable():
     assert torch.equal(model.sample_actions(**inputs, noise=noise), good)
 
 
-@pytest.mark.parametrize("config", [{"method": "fastv", "keep": KEEP}, {"method": "flowcut", "keep": KEEP},
-                                    {"stages": [{"method": "divprune", "keep": 8},
-                                                {"method": "random", "keep": KEEP, "layer": 1}]},
-                                    {"method": "globalcom2", "keep": KEEP}])
+@pytest.mark.parametrize("config", [{"method": "globalcom2", "keep": KEEP}])
 def test_unsupported_stages_are_refused_at_prune(config):
-    """In-LLM stages (the expert reads the VLM's cache layer by layer) and signals SigLIP cannot give raise at
-    prune() and leave the policy untouched (3 layers: the methods' default layer 2 fits)."""
+    """Signals SigLIP cannot give (globalcom2's [CLS] logits) raise at prune() and leave the policy untouched."""
     model, proc = _policy(text_layers=3)
     inputs = _inputs(proc)
     noise = fixed_noise(model, 2)
@@ -342,3 +338,59 @@ def test_unsupported_stages_are_refused_at_prune(config):
     assert model.config.vlm_config.vision_config._attn_implementation == impl
     assert not model.model.vlm._forward_pre_hooks and not model.model.dit._forward_pre_hooks
     assert torch.equal(model.sample_actions(**inputs, noise=noise), ref)
+
+
+def _per_layer_masked(model, keep: torch.Tensor, first: int):
+    """The unpruned policy where decoder layers >= ``first`` of the VLM (its prefix pass) and of the action expert
+    (its passes over the prefix cache, layer i reading cache layer i) do not attend to the prefix positions where
+    ``keep`` is False — what an llm:K stage means; layers < K see everything."""
+
+    def hook(mod, args, kw):
+        m = kw.get("attention_mask")
+        hidden = args[0] if args else kw["hidden_states"]
+        b, q = hidden.shape[:2]
+        kv = m.shape[-1] if m is not None else q
+        if m is None:
+            m = torch.ones(b, 1, q, kv, dtype=torch.bool)
+        cols = torch.ones(b, kv, dtype=torch.bool)
+        cols[:, : keep.shape[1]] = keep
+        return args, {**kw, "attention_mask": m & cols[:, None, None, :]}
+
+    layers = [*model.model.vlm.language_model.layers[first:], *model.model.dit.layers[first:]]
+    return [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+
+
+@pytest.mark.parametrize("method", ["fastv", "flowcut", "vla_pruner"])
+def test_in_llm_stages_match_a_per_layer_masked_reference(method):
+    """fastv / flowcut's LLM variant / vla_pruner at layer 1 of π0 (the last prompt token is the last real one of the
+    right-padded prefix): VLM layers >= 1 compute and cache only the kept prefix entries and the
+    action expert's layers >= 1 read only those; the actions equal the unpruned policy with the dropped entries masked
+    out of exactly those layers (positions unchanged). vla_pruner: warm-up steps unpruned, then pruned with the
+    action signal recorded from the expert's action queries; keep-all is bit-identical."""
+    model, proc = _policy(text_layers=3)
+    inputs = _inputs(proc)
+    noise = fixed_noise(model, 2)
+    ref_model = copy.deepcopy(model)
+    unpruned = model.sample_actions(**inputs, noise=noise)
+    extra = {"window": 1} if method == "vla_pruner" else {}
+    vtprune.prune(model, method=method, keep=KEEP, layer=1, **extra)
+    steps = 2 if method == "vla_pruner" else 1
+    for step in range(steps):
+        out = model.sample_actions(**inputs, noise=noise)
+        rep = vtprune.last_report(model)
+        if method == "vla_pruner" and step == 0:
+            assert torch.equal(out, unpruned) and rep.details["vla_pruner"][0]["warmup"]
+    assert [i.n_after for i in rep.images] == [KEEP] * 3 and not torch.equal(out, unpruned)
+    keep = _kept_mask(rep, inputs["input_ids"].shape[1])
+    handles = _per_layer_masked(ref_model, keep, 1)
+    try:
+        ref = ref_model.sample_actions(**inputs, noise=noise)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    vtprune.unprune(model)
+    assert torch.equal(model.sample_actions(**inputs, noise=noise), unpruned)
+    vtprune.prune(model, method=method, keep=10_000, layer=1, **extra)
+    for _ in range(steps):
+        assert torch.equal(model.sample_actions(**inputs, noise=noise), unpruned)

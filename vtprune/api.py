@@ -101,9 +101,9 @@ def prune(model: torch.nn.Module, config: PruneConfig | dict | None = None, *, m
 
         state.llm = LLMStages(adapter, config)
     try:
-        if state.pre is not None:
-            adapter.attach(set(state.pre[1].requires) | set(state.pre[1].optional),
-                           in_tower=state.pre[0].where == "vision")
+        # always: a family may hook its own entry points even without a pre_llm stage (π0's sample_actions)
+        needs = set(state.pre[1].requires) | set(state.pre[1].optional) if state.pre is not None else set()
+        adapter.attach(needs, in_tower=state.pre is not None and state.pre[0].where == "vision")
         if state.llm is not None:
             state.llm.attach()
         state.handles.append(model.register_forward_pre_hook(_forward_pre_hook, with_kwargs=True))

@@ -187,11 +187,41 @@ class Capture:
         _ARMED.reset(self._token)
 
 
+def _last_real(attention_mask: torch.Tensor | None, q_len: int, k_len: int) -> torch.Tensor | None:
+    """[B] the last query row that is a real token: its own key is visible (padding rows see nothing, not even
+    themselves). None when every row's last query is real (no 4-D mask, or left padding)."""
+    if attention_mask is None or attention_mask.dim() != 4 or q_len != k_len:
+        return None
+    diag = attention_mask[:, 0].diagonal(dim1=-2, dim2=-1)  # [B, L]
+    real = diag if diag.dtype == torch.bool else diag == 0  # additive float masks: 0 = may attend
+    if bool(real[:, -1].all()):
+        return None
+    idx = torch.arange(q_len, device=real.device).expand_as(real)
+    return idx.masked_fill(~real, -1).amax(-1).clamp(min=0)
+
+
 def last_row(query, key, value, attention_mask, scaling, kwargs) -> torch.Tensor:
-    """Head-mean attention of the last query (the last prompt token under left padding) over all keys: [B, L]."""
-    mask = attention_mask[:, :, -1:, : key.shape[-2]] if attention_mask is not None and attention_mask.dim() == 4 \
-        else None
-    return _probs(query[:, :, -1:], key, scaling, mask)[:, :, 0].mean(1)
+    """Head-mean attention of the last real query (the last prompt token, under left or right padding) over all
+    keys: [B, L]."""
+    last = _last_real(attention_mask, query.shape[2], key.shape[2])
+    if last is None:
+        mask = attention_mask[:, :, -1:, : key.shape[-2]] if attention_mask is not None and \
+            attention_mask.dim() == 4 else None
+        return _probs(query[:, :, -1:], key, scaling, mask)[:, :, 0].mean(1)
+    rows = last[:, None, None, None]
+    q = query.gather(2, rows.expand(-1, query.shape[1], 1, query.shape[-1]))
+    mask = attention_mask.gather(2, rows.expand(-1, attention_mask.shape[1], 1, attention_mask.shape[-1]))
+    return _probs(q, key, scaling, mask[..., : key.shape[-2]])[:, :, 0].mean(1)
+
+
+def action_rows(query, key, value, attention_mask, scaling, kwargs) -> torch.Tensor:
+    """Head-mean attention of the action queries over all keys, averaged over them: [B, L]. The queries are a
+    policy's action-expert suffix (π0: the state token first, then the action chunk; the state token is left out)."""
+    q = query[:, :, 1:] if query.shape[2] > 1 else query
+    mask = None
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask[:, :, -q.shape[2]:, : key.shape[-2]]
+    return _probs(q, key, scaling, mask).mean(dim=(1, 2))
 
 
 def flow_stats(query, key, value, attention_mask, scaling, kwargs) -> torch.Tensor:
@@ -211,12 +241,21 @@ def last_flow_logits(query, key, value, attention_mask, scaling, kwargs) -> torc
     per-head scaled logits q_last·kᵀ (rows 0..H−1), per-head scaled v_last·vᵀ (rows H..2H−1) and ‖mean_h v_j‖₁ (the
     last row). The reference takes each softmax over the visual keys only, per head, before the head mean: that
     happens per image in ``flow_stats_over``, once the image's positions are known."""
-    q, k, v = query[:, :, -1:].float(), key.float(), value.float()
+    last = _last_real(attention_mask, query.shape[2], key.shape[2])  # the last real token (any padding side)
+    if last is None:
+        q, v_last = query[:, :, -1:].float(), value[:, :, -1:].float()
+    else:
+        rows = last[:, None, None, None]
+        q = query.gather(2, rows.expand(-1, query.shape[1], 1, query.shape[-1])).float()
+        v_last = value.gather(2, rows.expand(-1, value.shape[1], 1, value.shape[-1])).float()
+    k, v = key.float(), value.float()
     h = q.shape[1]
     if k.shape[1] != h:  # grouped KV heads: every query head reads its group's keys and values
-        k, v = k.repeat_interleave(h // k.shape[1], dim=1), v.repeat_interleave(h // v.shape[1], dim=1)
+        rep = h // k.shape[1]
+        k, v, v_last = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), v_last.repeat_interleave(
+            rep, dim=1)
     rel = torch.matmul(q, k.transpose(-1, -2))[:, :, 0] * scaling
-    sem = torch.matmul(v[:, :, -1:], v.transpose(-1, -2))[:, :, 0] * scaling
+    sem = torch.matmul(v_last, v.transpose(-1, -2))[:, :, 0] * scaling
     return torch.cat([rel, sem, v.mean(1).abs().sum(-1)[:, None]], 1)
 
 

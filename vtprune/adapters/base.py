@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..call import cached_length
 from ..config import PruneConfig, StageSpec
 from ..kernels import gather_tokens
-from ..probes import Capture, flow_stats, probe_name
+from ..probes import Capture, flow_stats, last_row, probe_name
 from ..report import ImageReport, PruneReport, prefill_flops
 from ..selection import Offer, select
 from ..selectors.base import SelectorSpec, topk_sorted
@@ -320,6 +320,31 @@ class Adapter:
     def decoder_layers(self) -> torch.nn.ModuleList:
         """The language model's decoder layers (the same path in every family vtprune supports)."""
         return self.model.model.language_model.layers
+
+    def text_attention(self) -> str:
+        """The language model's attention implementation name."""
+        return self.text_config()._attn_implementation
+
+    def set_text_attention(self, name: str) -> None:
+        self.model.set_attn_implementation({"text_config": name})
+
+    def expert_layers(self) -> torch.nn.ModuleList | None:
+        """Layers of a policy's action expert that read the language model's KV cache layer by layer (π0's expert
+        layer i attends to cache layer i), so in-LLM stages re-lay their masks like decode steps; None for VLMs."""
+        return None
+
+    def action_layers(self) -> torch.nn.ModuleList:
+        """Where a temporal selector records the action→vision attention of each control step: the language model's
+        layers for autoregressive action tokens; a policy with an action expert overrides it."""
+        return self.decoder_layers()
+
+    #: the probe reducer of that recording: the newest query (an action token fed back during decoding)
+    action_reducer = staticmethod(last_row)
+
+    def set_action_attention(self, name: str | None) -> str | None:
+        """Put the action layers on attention implementation ``name`` (None: leave them); returns the previous one,
+        or None when they are the language model's layers (already probed by the in-LLM stages)."""
+        return None
 
     def text_dims(self) -> tuple[int, int, int]:
         tc = self.text_config()

@@ -91,6 +91,7 @@ class LLMStages:
         self.stages: list[tuple[StageSpec, Any]] = [(s, get_selector(s.method)) for s in config.stages
                                                      if s.layer is not None]
         self.layers = adapter.decoder_layers()
+        self.expert = adapter.expert_layers()  # a policy's action expert reading the cache layer by layer (π0)
         self.stage_at = {s.layer: i for i, (s, _) in enumerate(self.stages)}
         # (layer, signal) pairs to capture: layer K-1 for every stage at K whose selector needs an LLM signal
         self.probes = sorted({(s.layer - 1, r) for s, spec in self.stages for r in spec.requires if r in LLM_SIGNALS})
@@ -99,14 +100,16 @@ class LLMStages:
         self.wants_embeddings = any(getattr(spec, "features", "hidden") == "embeddings" for _, spec in self.stages)
         # a temporal stage (VLA-Pruner) records each control step's action->vision attention at one layer
         self.temporal = next(((s, spec) for s, spec in self.stages if "action_attention" in spec.requires), None)
-        n = len(self.layers)
         self.record_layer = None
+        self._saved_action_impl: str | None = None
         if self.temporal is not None:
+            n = len(adapter.action_layers())
             r = self.temporal[0].options.get("record_layer")
             # the reference reads layer 15 of OpenVLA's 32: about half the depth
             self.record_layer = min(n - 1, round(15 / 32 * n)) if r is None else int(r)
             if not 0 <= self.record_layer < n:
-                raise ValueError(f"vla_pruner record_layer={r} is outside the language model's layers 0..{n - 1}")
+                raise ValueError(f"vla_pruner record_layer={r} is outside the layers that decode actions "
+                                 f"(0..{n - 1})")
         self.handles: list[Any] = []
         self._saved_impl: str | None = None
 
@@ -122,17 +125,23 @@ class LLMStages:
             raise ValueError("scoring a stage with its own layer's projections needs decoder layers with an "
                              "input_layernorm (Llama / Qwen-style); this language model has none")
         if self.probe_layers or self.scores_own_layer or self.temporal is not None:
-            self._saved_impl = text_cfg._attn_implementation
+            self._saved_impl = self.adapter.text_attention()
             if self._saved_impl not in ("sdpa", "eager"):
                 raise ValueError(f"in-LLM stages support language models on 'sdpa' or 'eager' attention, got "
                                  f"{self._saved_impl!r}; load the model with attn_implementation='sdpa'")
-            self.adapter.model.set_attn_implementation({"text_config": probe_name(self._saved_impl)})
+            self.adapter.set_text_attention(probe_name(self._saved_impl))
+        if self.temporal is not None:  # an action expert of its own (π0) is probed too
+            self._saved_action_impl = self.adapter.set_action_attention("probe")
         first = self.stages[0][0].layer
         if self.wants_embeddings:  # the layer-0 input embeddings of the prompt, for selectors that score on them
             self.handles.append(self.layers[0].register_forward_pre_hook(self._embeddings_hook, with_kwargs=True))
         for i in range(first, len(self.layers)):
             hook = functools.partial(self._layer_hook, i)
             self.handles.append(self.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+        for i in range(first, len(self.expert) if self.expert is not None else 0):
+            # expert layer i reads cache layer i: its passes over the prefix cache are decode steps of that group
+            hook = functools.partial(self._layer_hook, i, expert=True)
+            self.handles.append(self.expert[i].register_forward_pre_hook(hook, with_kwargs=True))
         # the family's own per-token inputs of layers >= first (Qwen3-VL's DeepStack) must follow the compaction
         self.handles.extend(self.adapter.llm_hooks(first))
 
@@ -142,9 +151,12 @@ class LLMStages:
         self.handles.clear()
         if self._saved_impl is not None:
             # a choice the user made after prune() (set_attn_implementation) is theirs: restore only our probe
-            if self.adapter.text_config()._attn_implementation == probe_name(self._saved_impl):
-                self.adapter.model.set_attn_implementation({"text_config": self._saved_impl})
+            if self.adapter.text_attention() == probe_name(self._saved_impl):
+                self.adapter.set_text_attention(self._saved_impl)
             self._saved_impl = None
+        if self._saved_action_impl is not None:
+            self.adapter.set_action_attention(self._saved_action_impl)
+            self._saved_action_impl = None
 
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__dict__.update(d)
@@ -158,13 +170,15 @@ class LLMStages:
         input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         if cached > 0:
             llm = session.llm if session is not None else None
-            if llm is not None and input_ids is not None:
+            # a policy's action-expert pass (π0) carries no input_ids: its block mask is always given (4-D)
+            q = input_ids.shape[1] if input_ids is not None else 0
+            if llm is not None and (input_ids is not None or self.expert is not None):
                 rows = next(iter(llm["stage_cur"].values())).shape[0]
-                if rows != input_ids.shape[0]:
+                if input_ids is not None and rows != input_ids.shape[0]:
                     raise ValueError(f"this KV cache was filled by a pruned call of {rows} rows, but this call has "
                                      f"{input_ids.shape[0]}; continue a cache with the batch that filled it")
-                c.step = Run("decode", lp=llm["lp"], stage_cur=llm["stage_cur"], q=input_ids.shape[1],
-                             kv=cached + input_ids.shape[1], img=llm.get("img"))
+                c.step = Run("decode", lp=llm["lp"], stage_cur=llm["stage_cur"], q=q, kv=cached + q,
+                             img=llm.get("img"))
                 self._arm_record(c.step)
             return
         if input_ids is None:
@@ -174,10 +188,10 @@ class LLMStages:
             return
         if not bool((input_ids == self.adapter.image_token_id()).any()):
             return
-        if self.temporal is not None and c.kind != "generate":
+        if self.temporal is not None and c.kind not in ("generate", "sample_actions"):
             raise ValueError(f"{self.temporal[1].name} keeps the tokens a control step's actions attend to, which it "
-                             "learns from the action tokens each step decodes: call model.generate(...) (a policy "
-                             "that emits action tokens), not a bare forward")
+                             "learns from the actions each step decodes: call model.generate(...) (a policy that "
+                             "emits action tokens) or policy.sample_actions(...), not a bare forward")
         b, length = input_ids.shape
         run = Run("prefill", lp=length, ids=input_ids, mask2d=attention_mask if attention_mask is not None
                   else torch.ones_like(input_ids), img=self._image_index(c, input_ids),
@@ -239,10 +253,11 @@ class LLMStages:
         self._finish_report(run)
 
     # ---- layer hooks --------------------------------------------------------------------------------------------
-    def _layer_hook(self, i: int, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+    def _layer_hook(self, i: int, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
+                    expert: bool = False):
         c = current(self.adapter)
         run = c.step if c is not None else None
-        if run is None:
+        if run is None or (expert and run.phase != "decode"):  # the expert never takes part in the prefix pass
             return None
         if run.phase == "decode":
             s = max((k for k in run.stage_cur if self.stages[k][0].layer <= i), default=None)
@@ -389,7 +404,8 @@ class LLMStages:
 
     def _arm_record(self, run: Run) -> None:
         if self.record_layer is not None:
-            run.record = Capture(self.layers[self.record_layer].self_attn, last_row)
+            run.record = Capture(self.adapter.action_layers()[self.record_layer].self_attn,
+                                 self.adapter.action_reducer)
             run.record.__enter__()
 
     def _record(self, c: Any, run: Run) -> None:

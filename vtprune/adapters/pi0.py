@@ -39,7 +39,7 @@ from .. import call as calls
 from ..call import Session, cache_of, cached_length, session_of
 from ..config import PruneConfig, StageSpec
 from ..kernels import gather_tokens
-from ..probes import Capture, global_importance, probe_name, received_attention
+from ..probes import Capture, action_rows, global_importance, probe_name, received_attention
 from ..report import ImageReport, PruneReport, prefill_flops
 from ..selection import Offer, select
 from ..selectors.base import SelectorSpec
@@ -61,8 +61,8 @@ class _Pending:
 
     input_ids: torch.Tensor
     cameras: torch.Tensor  # pixel_attention_mask [B, cameras]
-    stage: StageSpec
-    spec: SelectorSpec
+    stage: StageSpec | None  # the pre_llm stage, None with in-LLM stages only
+    spec: SelectorSpec | None
     config: PruneConfig
     captures: dict[str, Capture]  # the armed SigLIP probes of the signals the selector reads
 
@@ -105,12 +105,33 @@ class PI0Adapter(Adapter):
         v = self.model.config.vlm_config.vision_config
         return (v.image_size // v.patch_size) ** 2
 
-    def llm_hooks(self, first: int) -> list[Any]:
-        # called while in-LLM stages attach (prune() then removes everything): the action expert would need its own
-        # compaction of the cache it reads, which does not exist yet
-        raise ValueError("in-LLM stages (layer=K, and methods that run only there: fastv, pdrop, atp, flowcut) are "
-                         "not supported for pi0 yet: the action expert reads the VLM's cache layer by layer; use a "
-                         "pre_llm method (divprune, fastervlm, random, uniform, holov, vflowopt)")
+    def image_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Cameras sit back to back in one run of image tokens: the r-th image token belongs to present camera
+        r // tokens_per_image (the model's own mapping in ``embed_prefix``)."""
+        is_img = input_ids == self.image_token_id()
+        rank = is_img.long().cumsum(-1) - 1
+        return (rank // self.tokens_per_image()).masked_fill(~is_img, -1)
+
+    # ---- in-LLM stages: VLM layers >= K and the action expert's layers >= K see the kept prefix ---------------
+    def text_attention(self) -> str:
+        return self.base.vlm.config.text_config._attn_implementation
+
+    def set_text_attention(self, name: str) -> None:
+        self.base.vlm.set_attn_implementation({"text_config": name})
+
+    def expert_layers(self) -> torch.nn.ModuleList:
+        return self.base.dit.layers
+
+    def action_layers(self) -> torch.nn.ModuleList:
+        return self.base.dit.layers
+
+    #: the action signal: the expert's action queries (the chunk; the state token left out) over the cached keys
+    action_reducer = staticmethod(action_rows)
+
+    def set_action_attention(self, name: str | None) -> str | None:
+        current = self.base.dit.config._attn_implementation
+        self.base.dit.set_attn_implementation(probe_name(current) if name == "probe" else name)
+        return current
 
     # ---- install (the vision probe lives in the VLM's vision sub-config) ----------------------------------------
     def attach(self, needs: set[str], in_tower: bool = False) -> None:
@@ -199,16 +220,28 @@ class PI0Adapter(Adapter):
             raise RuntimeError(f"vtprune: the first VLM call of pi0's sample_actions did not get the prefix embeddings "
                                f"of its input_ids {tuple(job.input_ids.shape)} without a cache (transformers' PI0 "
                                "changed?); run it inside `with vtprune.disabled(model):`")
-        res = self._prune(job.input_ids, job.cameras, embeds, kw.get("attention_mask"), kw.get("position_ids"),
-                          kw.get("token_type_ids"), job.captures, job.stage, job.spec, job.config)
-        if res is None:
-            return None
-        new, c.report = res
+        new: dict[str, Any] = {}
+        if job.stage is not None:
+            res = self._prune(job.input_ids, job.cameras, embeds, kw.get("attention_mask"), kw.get("position_ids"),
+                              kw.get("token_type_ids"), job.captures, job.stage, job.spec, job.config)
+            if res is not None:
+                new, c.report = res
+        llm = self.model.__dict__["_vtprune_state"].llm
+        if llm is not None:  # the in-LLM stages run on this prefix pass (its image rows come from input_ids)
+            ids = job.input_ids
+            if c.report is not None and c.report.token_map is not None and new:
+                tm = c.report.token_map
+                ids = ids.gather(1, tm.clamp(min=0)).masked_fill(tm < 0, -1)
+            mask = new.get("attention_mask", kw.get("attention_mask"))
+            llm.begin(c, {"input_ids": ids, "attention_mask": mask}, 0, None)
         return ((), {**kw, **new}) if new else None
 
     def _vlm_post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         # the expert passes of this call read the cache right away: attach the session now, not at the call's end
         c = calls.current(self)
+        llm = self.model.__dict__["_vtprune_state"].llm
+        if c is not None and llm is not None and c.step is not None and c.step.phase == "prefill":
+            llm.end(c)  # the kept sets of the prefix pass go into the session before the expert passes read them
         cache = calls.output_cache(output)
         if c is not None and c.session is not None and session_of(cache) is None:
             calls.attach_session(cache, c.session)
@@ -219,6 +252,11 @@ class PI0Adapter(Adapter):
         from ..api import _bind
 
         kw = _bind(type(module).forward, args, kwargs, skip=1)
+        if kw.get("pixel_values") is not None and cache_of(kw) is None and \
+                self.model.__dict__["_vtprune_state"].llm is not None:
+            raise ValueError("in-LLM stages on pi0 prune the prefix of sample_actions; a forward that builds the "
+                             "prefix itself (training with actions=...) is not supported with them: use a pre_llm "
+                             "method for training, or run it inside `with vtprune.disabled(model):`")
         info = _info(cache_of(kw))
         if info is None:
             return None
@@ -340,7 +378,7 @@ class PI0Adapter(Adapter):
             # what every expert pass over this cache needs: the caller's prefix mask (to recognise it), the kept
             # prefix's mask and length, the dropped tokens per row (the action tokens' position shift)
             c.session = Session(pre={"pi0": True, "orig_mask": full, "mask": new_mask, "new_len": new_mask.shape[1],
-                                     "shift": shift})
+                                     "shift": shift, "orig_ids": ids})
         return new, report
 
 
@@ -384,7 +422,7 @@ class _SampleActions:
 
         inner = self.__wrapped__
         state = api._state(self.model)
-        if state is None or not api._enabled(state) or state.pre is None:
+        if state is None or not api._enabled(state) or (state.pre is None and state.llm is None):
             return inner(*args, **kwargs)
         kw = api._bind(inner, args, kwargs, skip=0)
         adapter: PI0Adapter = state.adapter
@@ -396,10 +434,15 @@ class _SampleActions:
         c.prefill = True
         try:
             with contextlib.ExitStack() as stack:
-                stage, spec = state.pre
-                setattr(c, _PENDING, _Pending(ids, cams, stage, spec, state.config, adapter.arm(stack, spec)))
+                stage, spec = state.pre if state.pre is not None else (None, None)
+                caps = adapter.arm(stack, spec) if spec is not None else {}
+                setattr(c, _PENDING, _Pending(ids, cams, stage, spec, state.config, caps))
                 return inner(**kw)
         finally:
+            if state.llm is not None and c.actions:  # one control step: its action attention goes to the episode
+                details = state.llm.close_step(c)
+                if c.report is not None and details:
+                    c.report.details.update(details)
             state.local.report = c.report
             calls.close_call(c)
 
