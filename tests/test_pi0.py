@@ -394,3 +394,22 @@ def test_in_llm_stages_match_a_per_layer_masked_reference(method):
     vtprune.prune(model, method=method, keep=10_000, layer=1, **extra)
     for _ in range(steps):
         assert torch.equal(model.sample_actions(**inputs, noise=noise), unpruned)
+
+
+def test_vla_pruner_episodes_per_row_on_pi0():
+    """A batch of two environments (two cameras, one camera) keeps one history per row: step by step through warm-up
+    and pruning it equals each environment alone in an episode of its own; reset(rows=[0]) puts only row 0 back into
+    warm-up."""
+    model, proc = _policy(text_layers=3)
+    vtprune.prune(model, method="vla_pruner", keep=KEEP, layer=1, window=1)
+    both, noise = _inputs(proc, absent_first=False), fixed_noise(model, 2)
+    with vtprune.episode(model):
+        together = [model.sample_actions(**both, noise=noise) for _ in range(3)]
+        vtprune.reset(model, rows=[0])
+        model.sample_actions(**both, noise=noise)
+        assert [d["warmup"] for d in vtprune.last_report(model).details["vla_pruner"]] == [True, True, False]
+    for row in range(2):  # the row's own inputs (its slice of the batch) in an episode of its own
+        with vtprune.episode(model):
+            for step in range(3):
+                out = model.sample_actions(**{k: v[row:row + 1] for k, v in both.items()}, noise=noise[row:row + 1])
+                torch.testing.assert_close(out[0], together[step][row], rtol=0, atol=1e-5)

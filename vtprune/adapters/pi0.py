@@ -23,7 +23,14 @@ model as ``inputs_embeds`` with the kept mask and positions; the kept features s
 
 Signal: SigLIP has no [CLS]; ``fastervlm`` / ``holov`` read the attention each patch *receives* in the last SigLIP
 layer (as for PaliGemma, see ``adapters/paligemma.py``), ``vflowopt`` its attention from the "global" tokens there.
-In-LLM stages (``fastv``, ``pdrop``, ``atp``, ``flowcut``'s LLM variant, ``vla_pruner``) are refused at ``prune()``.
+
+In-LLM stages (``fastv``, ``pdrop``, ``atp``, ``flowcut``'s LLM variant, ``vla_pruner``): the prefix pass runs the
+shared ``llm:K`` machinery (started by the VLM pre-hook, ended by its forward hook), so VLM layers >= K compute and
+cache only the kept entries — the keep decision is taken before those layers write the cache, so nothing needs
+compacting afterwards. The action expert's layer i reads cache layer i: its layers >= K re-lay their block masks on
+the kept entries like decode steps (``expert_layers``). ``vla_pruner`` records the expert's action queries'
+attention over the cached image slots (``action_layers``, ``action_reducer``) at every denoising pass and closes the
+control step when ``sample_actions`` returns. A training forward (``actions=``) with in-LLM stages is refused.
 """
 
 from __future__ import annotations
