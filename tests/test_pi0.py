@@ -113,16 +113,16 @@ def test_pi0_is_routed_to_its_own_tests_by_the_policy_flag():
     assert not any(getattr(vtprune.registry.get_adapter_class(f), "policy", False) for f in FAMILIES)
 
 
-@pytest.mark.parametrize("keep", [T, 100])
+@pytest.mark.parametrize("keep", [T, 1.0])
 def test_keep_all_is_bit_identical(keep):
-    """A budget >= the tokens per camera keeps every token: actions, the training loss and its gradients are the
+    """A budget of all the tokens per camera (keep=T or keep_ratio=1) keeps every token: actions, the training loss and its gradients are the
     unpruned policy's, bit for bit; the report lists every camera with all its tokens."""
     model, proc = _policy()
     inputs = _inputs(proc)
     noise = fixed_noise(model, 2)
     ref = model.sample_actions(**inputs, noise=noise)
     ref_loss = _train_call(model, inputs, noise).loss
-    vtprune.prune(model, method="divprune", keep=keep)
+    vtprune.prune(model, method="divprune", **({"keep": keep} if isinstance(keep, int) else {"keep_ratio": keep}))
     assert torch.equal(model.sample_actions(**inputs, noise=noise), ref)
     rep = vtprune.last_report(model)
     assert [(i.sample, i.image, i.n_before, i.n_after) for i in rep.images] == [(0, 0, T, T), (0, 1, T, T),
@@ -324,16 +324,20 @@ def test_bad_input_raises_clearly_and_leaves_the_policy_usable():
     assert torch.equal(model.sample_actions(**inputs, noise=noise), good)
 
 
-@pytest.mark.parametrize("config", [{"method": "globalcom2", "keep": KEEP}])
+@pytest.mark.parametrize("config", [{"method": "globalcom2", "keep": KEEP}, {"method": "divprune", "keep": T + 1},
+                                    {"method": "fastv", "keep": 100, "layer": 1}])
 def test_unsupported_stages_are_refused_at_prune(config):
-    """Signals SigLIP cannot give (globalcom2's [CLS] logits) raise at prune() and leave the policy untouched."""
+    """Signals SigLIP cannot give (globalcom2's [CLS] logits) and budgets above the tokens per camera (every camera
+    has exactly T: a larger keep is a mistake, not a request to keep all) raise at prune() and leave the policy
+    untouched."""
     model, proc = _policy(text_layers=3)
     inputs = _inputs(proc)
     noise = fixed_noise(model, 2)
     ref = model.sample_actions(**inputs, noise=noise)
     impl = model.config.vlm_config.vision_config._attn_implementation
-    with pytest.raises(ValueError, match="pi0|cannot provide"):
+    with pytest.raises(ValueError, match="pi0|cannot provide") as err:
         vtprune.prune(model, **config)
+    assert config["method"] == "globalcom2" or f"keep={config['keep']} exceeds the {T} SigLIP tokens" in str(err.value)
     assert not vtprune.is_pruned(model) and "sample_actions" not in model.__dict__
     assert model.config.vlm_config.vision_config._attn_implementation == impl
     assert not model.model.vlm._forward_pre_hooks and not model.model.dit._forward_pre_hooks
@@ -391,7 +395,7 @@ def test_in_llm_stages_match_a_per_layer_masked_reference(method):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     vtprune.unprune(model)
     assert torch.equal(model.sample_actions(**inputs, noise=noise), unpruned)
-    vtprune.prune(model, method=method, keep=10_000, layer=1, **extra)
+    vtprune.prune(model, method=method, keep=T, layer=1, **extra)
     for _ in range(steps):
         assert torch.equal(model.sample_actions(**inputs, noise=noise), unpruned)
 

@@ -91,6 +91,7 @@ def prune(model: torch.nn.Module, config: PruneConfig | dict | None = None, *, m
                          "to run it unpruned)")
     adapter = adapter_cls(model)
     config = config.resolved(len(adapter.decoder_layers()), vision_stage=adapter.vision_stage)
+    adapter.check_config(config)
     state = _State(config=config, adapter=adapter)
     if config.stages[0].before_llm:
         spec = get_selector(config.stages[0].method)

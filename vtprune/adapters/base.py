@@ -213,6 +213,9 @@ class Adapter:
                 f"({self.model.config.model_type}) cannot provide; methods this family can run: "
                 f"{', '.join(methods_for(self.provides))}")
 
+    def check_config(self, config: Any) -> None:
+        """Refuse, at prune(), a resolved config this family cannot honour (default: every config is fine)."""
+
     def attach(self, needs: set[str], in_tower: bool = False) -> None:
         """Install the vision-tower attention probe when a selector needs an attention signal, and the tower's layer
         hooks for a stage that prunes inside it (undone by detach).

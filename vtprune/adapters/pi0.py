@@ -112,6 +112,15 @@ class PI0Adapter(Adapter):
         v = self.model.config.vlm_config.vision_config
         return (v.image_size // v.patch_size) ** 2
 
+    def check_config(self, config: Any) -> None:
+        # every camera has exactly tokens_per_image tokens, so a larger budget can only be a mistake (e.g. a
+        # LLaVA budget reused): say so instead of silently keeping everything
+        t = self.tokens_per_image()
+        for s in config.stages:
+            if s.keep is not None and s.keep > t:
+                raise ValueError(f"keep={s.keep} exceeds the {t} SigLIP tokens per camera of this pi0 (its budget is "
+                                 f"per camera); use keep <= {t} (keep={t} keeps every token) or keep_ratio=")
+
     def image_index(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Cameras sit back to back in one run of image tokens: the r-th image token belongs to present camera
         r // tokens_per_image (the model's own mapping in ``embed_prefix``)."""
