@@ -115,8 +115,8 @@ def test_pi0_is_routed_to_its_own_tests_by_the_policy_flag():
 
 @pytest.mark.parametrize("keep", [T, 1.0])
 def test_keep_all_is_bit_identical(keep):
-    """A budget of all the tokens per camera (keep=T or keep_ratio=1) keeps every token: actions, the training loss and its gradients are the
-    unpruned policy's, bit for bit; the report lists every camera with all its tokens."""
+    """A budget of all the tokens per camera (keep=T or keep_ratio=1) keeps every token: actions, the training loss
+    and its gradients are the unpruned policy's, bit for bit; the report lists every camera with all its tokens."""
     model, proc = _policy()
     inputs = _inputs(proc)
     noise = fixed_noise(model, 2)
