@@ -82,6 +82,27 @@ def demo_model(name: str = "llava", path: str | Path | None = None) -> tuple[tor
     return model.eval(), processor
 
 
+#: the shipped Meta-World policy (``evals/train_policy.py``): a tiny π0 trained here by behaviour cloning
+POLICY = "pi0_metaworld"
+
+
+def demo_policy(path: str | Path | None = None) -> tuple[torch.nn.Module, Any]:
+    """``(policy, processor)`` of the shipped Meta-World policy: a ``PI0ForConditionalGeneration`` (float32, eval
+    mode) that sees two cameras (``vtprune.metaworld.CAMERAS``) and the hand state, and its ``PI0Processor`` with the
+    training data's state and action statistics. Run it closed loop with ``vtprune.metaworld.rollout``; its
+    recipe, training time and held-out success are in ``training.json`` beside it. ``path``: another directory
+    written by ``evals/train_policy.py``."""
+    from transformers import PI0ForConditionalGeneration, PI0Processor
+
+    d = ASSETS / POLICY if path is None else Path(path)
+    if not (d / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the demo policy is missing its files in {d}; train one with "
+                                "evals/train_policy.py --out <dir> or reinstall the package with its assets")
+    model = PI0ForConditionalGeneration.from_pretrained(d, local_files_only=True, dtype=torch.float32)
+    processor = PI0Processor.from_pretrained(d, local_files_only=True)
+    return model.eval(), processor
+
+
 def training_record(name: str = "llava") -> dict:
     """The training record saved beside the weights (device, time, steps, seed, versions, accuracy)."""
     return json.loads((model_dir(name) / "training.json").read_text())

@@ -22,7 +22,7 @@ STATE_DIM = 8
 
 def tiny_pi0(text_layers: int = 2, vision_layers: int = 2, text_hidden: int = 128, expert_hidden: int = 64,
              image_size: int = 56, chunk: int = 4, steps: int = 2, seed: int = 0,
-             attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, Any]:
+             attn_implementation: str = "sdpa", vision_hidden: int = 64) -> tuple[torch.nn.Module, Any]:
     """(policy, processor): ``(image_size // 14)²`` SigLIP tokens per camera (16 at 56 px), a Gemma VLM of
     ``text_layers`` layers (``text_hidden`` wide) and an action expert as deep, ``expert_hidden`` wide, predicting
     ``chunk`` actions in ``steps`` denoising steps; float32, eval mode, deterministic weights."""
@@ -39,7 +39,7 @@ def tiny_pi0(text_layers: int = 2, vision_layers: int = 2, text_hidden: int = 12
     head = dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32)  # both stacks share the cache's KV shape
     text = dict(model_type="gemma", vocab_size=vocab, hidden_size=text_hidden, intermediate_size=2 * text_hidden,
                 num_hidden_layers=text_layers, max_position_embeddings=4096, pad_token_id=tok.pad_token_id, **head)
-    vision = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
+    vision = dict(model_type="siglip_vision_model", hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                   num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size, patch_size=14,
                   vision_use_head=False)
     vlm = dict(model_type="paligemma", text_config=text, vision_config=vision, projection_dim=text_hidden,
