@@ -113,9 +113,9 @@ def train(data: dict[str, dict[str, Any]], r: dict[str, Any], steps: int, log_ev
     # every task's prompt once (the same tokens the processor gives at control time)
     n_cam = len(r["cameras"])
     blank = [np.zeros((r["size"], r["size"], 3), np.uint8)] * n_cam
-    prompts = [proc(images=[blank], text=[mw.TASKS[t]], return_tensors="pt") for t in tasks]
-    ids = torch.cat([p["input_ids"] for p in prompts])
-    mask = torch.cat([p["attention_mask"] for p in prompts])
+    prompts = proc(images=[blank] * len(tasks), text=[mw.TASKS[t] for t in tasks], padding="longest",
+                   return_tensors="pt")
+    ids, mask = prompts["input_ids"], prompts["attention_mask"]
     images = torch.from_numpy(np.concatenate([data[t]["images"] for t in tasks]))  # [N, cams, H, W, 3] uint8
     which = torch.cat([torch.full((len(data[t]["state"]),), i) for i, t in enumerate(tasks)])
     state = proc.normalize(torch.from_numpy(np.concatenate([data[t]["state"] for t in tasks])).float(), "state")
