@@ -654,6 +654,17 @@ def goal(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def budget_axis(ax: Any, ylabel: str) -> None:
+    """The kept share of each camera's tokens on a log2 x axis, 100 % on the left; grid and legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 0.5, 0.25, 0.125], ["100%", "50%", "25%", "12.5%"])
+    ax.invert_xaxis()
+    ax.set_xlabel("visual tokens kept per camera")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot(results: dict[str, Any], path: Path) -> str:
     """Latency vs budget per method: measured at the cut depth (solid) and extrapolated to the real depth (dashed,
     hollow markers), one row per policy. Returns what was written."""
@@ -686,14 +697,8 @@ def plot(results: dict[str, Any], path: Path) -> str:
             depth = ", ".join(f"{k} {d[0 if not real else 1]}" for k, d in results[pol]["depths"].items())
             kind = "EXTRAPOLATED to real depth" if real else "measured (cut depth)"
             ax.set_title(f"{pol}: {kind}\nlayers: {depth}", fontsize=9)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks([1, 0.5, 0.25, 0.125], ["100%", "50%", "25%", "12.5%"])
-            ax.invert_xaxis()
-            ax.set_xlabel("visual tokens kept per camera")
-            ax.set_ylabel("control step, s (median, p10-p90)")
+            budget_axis(ax, "control step, s (median, p10-p90)")
             ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
     env = results["env"]
     fig.suptitle(f"{env['device']} | torch {env['torch']} | transformers {env['transformers']} | "
                  f"{env['dtype']} | {env['threads']} thread(s) | batch 1", fontsize=9)

@@ -158,7 +158,7 @@ class Episode:
 
 def rollout(policy: Any, processor: Any, jobs: list[tuple[str, int]], envs: int = 8, execute: int = 4,
             size: int = 112, cameras: tuple[str, ...] = CAMERAS, max_steps: int = 200, noise_seed: int = 0,
-            keep_frames: bool = False) -> list[Episode]:
+            keep_frames: bool = False, blank: bool = False) -> list[Episode]:
     """Run ``policy`` (a π0 ``PI0ForConditionalGeneration`` with ``processor``) closed loop on every ``(task, seed)``
     of ``jobs``, ``envs`` environments at a time as one batch (vectorised evaluation).
 
@@ -167,6 +167,7 @@ def rollout(policy: Any, processor: Any, jobs: list[tuple[str, int]], envs: int 
     policy's episode state for that batch row is reset (``vtprune.reset(policy, rows=[i])``) — the other rows keep
     theirs. When the jobs run out, finished slots keep stepping (results ignored) so the batch rows stay aligned.
     The start noise of each call is drawn from ``noise_seed`` and the call's index: runs are reproducible.
+    ``blank``: the policy gets black frames instead of the cameras' (the check that it needs to see).
     """
     import torch
 
@@ -194,7 +195,8 @@ def rollout(policy: Any, processor: Any, jobs: list[tuple[str, int]], envs: int 
     calls = 0
     while any(s is not None and not s["done"] for s in slots):
         frames = [s["env"].render() for s in slots]
-        inputs = processor(images=frames, text=[s["env"].instruction for s in slots],
+        seen = [[np.zeros_like(f) for f in fr] for fr in frames] if blank else frames
+        inputs = processor(images=seen, text=[s["env"].instruction for s in slots],
                            state=np.stack([s["obs"].state for s in slots]), padding="longest", return_tensors="pt")
         noise = torch.randn(len(slots), policy.config.chunk_size, policy.config.max_action_dim,
                             generator=torch.Generator().manual_seed(noise_seed * 1_000_003 + calls))
@@ -239,3 +241,50 @@ def evaluate(policy: Any, processor: Any, seeds: dict[str, list[int]], **kwargs:
     """Success rate per task over the given seeds (closed loop, :func:`rollout`)."""
     eps = rollout(policy, processor, [(t, s) for t, ss in seeds.items() for s in ss], **kwargs)
     return {t: float(np.mean([e.success for e in eps if e.task == t])) for t in seeds}
+
+
+def step_latency(policy: Any, processor: Any, configs: dict[str, dict[str, Any] | None], envs: int = 8,
+                 repeats: int = 7) -> dict[str, Any]:
+    """Latency of one control step (``sample_actions`` on the first observations of ``envs`` held-out episodes,
+    tasks in turn, fixed noise) for every entry of ``configs`` (``None``: unpruned; otherwise ``vtprune.prune``
+    keywords), all interleaved (``vtprune._timing``). Episode methods run on a weight-sharing copy kept pruned and
+    stepped past their warm-up, so their timed steps prune. Returns per name: median / p10 / p90 ms, runs, and the
+    speed-up over the first entry."""
+    import copy
+    import functools
+
+    import torch
+
+    import vtprune
+    from vtprune import _timing
+
+    obs, tasks = [], list(TASKS)
+    for i in range(envs):
+        env = MetaWorldTask(tasks[i % len(tasks)], HELD_OUT_SEED + i)
+        obs.append((env.instruction, env.reset()))
+        env.close()
+    inputs = processor(images=[o.images for _, o in obs], text=[t for t, _ in obs],
+                       state=np.stack([o.state for _, o in obs]), padding="longest", return_tensors="pt")
+    noise = torch.randn(envs, policy.config.chunk_size, policy.config.max_action_dim,
+                        generator=torch.Generator().manual_seed(0))
+
+    def step(m: Any) -> Any:
+        with torch.no_grad():
+            return m.sample_actions(**inputs, noise=noise)
+
+    cases: dict[str, Any] = {}
+    for name, cfg in configs.items():
+        if cfg is None:
+            cases[name] = _timing.Case(functools.partial(step, policy))
+        elif "action_attention" in vtprune.registry.get_selector(cfg["method"]).requires:  # an episode method
+            m = copy.deepcopy(policy, memo={id(w): w for w in policy.parameters()})
+            vtprune.prune(m, **cfg)
+            for _ in range(8):  # past the warm-up window
+                step(m)
+            cases[name] = _timing.Case(functools.partial(step, m))
+        else:
+            cases[name] = _timing.Case(functools.partial(step, policy),
+                                       functools.partial(_timing.pruned, policy, **cfg))
+    st = _timing.measure(cases, repeats=repeats, warmup=1)
+    base = next(iter(st.values()))
+    return {k: dict(**v.to_dict(), speedup=_timing.ratio(base, v).to_dict()) for k, v in st.items()}
