@@ -43,7 +43,7 @@ BUDGETS = (0.5, 0.25, 0.125)
 PRE_LLM = ("divprune", "random", "uniform", "fastervlm")
 IN_LLM = ("vla_pruner", "fastv")
 LAYER = 1
-EXECUTE = 4
+EXECUTE = mw.EXECUTE
 GOAL = "vla_pruner at 25 % keeps >= 98 % of unpruned success and beats every other method at 12.5 %"
 
 

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("vtprune/assets/pi0_metaworld"))
     ap.add_argument("--cache", type=Path, default=Path(".cache/metaworld"))
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--demos", type=int, default=40, help="training seeds per task")
     ap.add_argument("--eval-episodes", type=int, default=20, help="held-out seeds per task for the check")
     ap.add_argument("--threads", type=int, default=2)

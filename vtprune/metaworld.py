@@ -17,17 +17,21 @@ from typing import Any
 
 import numpy as np
 
-#: task -> the instruction the policy reads. Each task's goal or object position is drawn per seed and is visible.
+#: task -> the instruction the policy reads. Each task's object position is drawn per seed and is visible. (reach-v3
+#: was dropped: its goal is a 1-2 pixel dot at 112 px and the first trained policy solved 25 % of its episodes)
 TASKS = {
-    "reach-v3": "reach the red ball",
     "button-press-topdown-v3": "press the button down",
     "drawer-open-v3": "open the drawer",
+    "handle-press-v3": "press the handle down",
 }
 #: the cameras the shipped policy sees (Meta-World's fixed scene cameras)
 CAMERAS = ("corner", "topview")
 #: proprioception the policy sees: hand x, y, z and the gripper opening (Meta-World's obs[0:4])
 STATE_DIM = 4
 ACTION_DIM = 4
+#: actions of each predicted chunk executed before the next policy call (re-planning often matters in closed loop:
+#: the first policy solved 55 % of drawer-open episodes executing 4 of 8 actions, 100 % executing 1)
+EXECUTE = 2
 #: held-out seeds start here; training demonstrations use seeds below it
 HELD_OUT_SEED = 100_000
 
@@ -156,7 +160,7 @@ class Episode:
     frames: list[list[np.ndarray]]
 
 
-def rollout(policy: Any, processor: Any, jobs: list[tuple[str, int]], envs: int = 8, execute: int = 4,
+def rollout(policy: Any, processor: Any, jobs: list[tuple[str, int]], envs: int = 8, execute: int = EXECUTE,
             size: int = 112, cameras: tuple[str, ...] = CAMERAS, max_steps: int = 200, noise_seed: int = 0,
             keep_frames: bool = False, blank: bool = False) -> list[Episode]:
     """Run ``policy`` (a π0 ``PI0ForConditionalGeneration`` with ``processor``) closed loop on every ``(task, seed)``
