@@ -11,8 +11,6 @@ from vtprune import metaworld as mw
 from vtprune.testing.pi0 import tiny_pi0
 
 SIZE = 56
-#: held-out episodes per task of the shipped-policy check
-EPISODES = 5
 
 
 def _run(task: str, seed: int, actions: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -124,16 +122,3 @@ def test_rollout_executes_the_denormalised_chunk():
     for got, want in zip(ep.frames, frames):
         assert all(np.array_equal(g, w) for g, w in zip(got, want))
 
-
-def test_the_shipped_policy_solves_held_out_episodes_and_needs_its_cameras():
-    """The shipped policy (``vtprune.demo_policy``, trained by ``evals/train_policy.py``) closed loop on held-out
-    seeds it was neither trained nor checked on: it solves most episodes of every task, and with black frames far
-    fewer (vision is necessary: the state holds no goal or object position)."""
-    policy, proc = vtprune.demo_policy()
-    assert proc.image_seq_length == 64 and policy.config.vlm_config.vision_config.image_size == 112
-    jobs = [(t, mw.HELD_OUT_SEED + 500 + i) for t in mw.TASKS for i in range(EPISODES)]
-    seen = mw.rollout(policy, proc, jobs, envs=len(jobs))
-    blind = mw.rollout(policy, proc, jobs, envs=len(jobs), blank=True)
-    rate = {t: np.mean([e.success for e in seen if e.task == t]) for t in mw.TASKS}
-    assert all(r >= 0.6 for r in rate.values()) and np.mean(list(rate.values())) >= 0.8, rate
-    assert np.mean([e.success for e in blind]) <= np.mean([e.success for e in seen]) - 0.4
