@@ -418,26 +418,28 @@ class LLMStages:
         s = max((k for k in run.stage_cur if self.stages[k][0].layer <= r), default=None)
         b = att.shape[0]
         keys = run.stage_cur[s] if s is not None else torch.arange(run.lp, device=att.device).expand(b, -1)
-        acc = c.actions if c.actions is not None else {}
-        for bi in range(b):
-            for j in range(int(run.img[bi].max()) + 1):
-                first = (run.img[bi] == j).nonzero().flatten()
-                vec = torch.zeros(first.numel(), device=att.device)
-                ks = keys[bi]
-                here = (ks >= 0) & (run.img[bi].gather(0, ks.clamp(min=0)) == j)
-                vec[torch.searchsorted(first, ks[here])] = att[bi, : ks.numel()][here]
-                total, count = acc.get((bi, j), (0.0, 0))
-                acc[(bi, j)] = (total + vec, count + 1)
-        c.actions = acc
+        # one scatter per forward (a control step of π0 records every denoising pass): the attention each cached
+        # slot got lands on its prompt position; close_step splits the mean into images
+        dense = torch.zeros(b, run.img.shape[1], device=att.device)
+        dense.scatter_add_(1, keys.clamp(min=0), att[:, : keys.shape[1]] * (keys >= 0))
+        if c.actions is None:
+            c.actions = (dense, 1, run.img)
+            return
+        total, count, img = c.actions
+        if img.shape[1] < run.img.shape[1]:  # use_cache=False: each step re-runs a longer sequence; the images stay
+            total = torch.nn.functional.pad(total, (0, run.img.shape[1] - img.shape[1]))
+            img = run.img
+        c.actions = (total + torch.nn.functional.pad(dense, (0, total.shape[1] - dense.shape[1])), count + 1, img)
 
     def close_step(self, c: Any) -> dict[str, Any] | None:
         """End of a control step (a ``generate`` call): its mean action attention goes into the episode."""
         if self.temporal is None or not c.actions:
             return None
         episode, window = self._episode(), int(self.temporal[0].options.get("window", 3))
-        rows: dict[int, dict[int, torch.Tensor]] = {}
-        for (bi, j), (total, count) in c.actions.items():
-            rows.setdefault(bi, {})[j] = (total / count).cpu()
+        total, count, img = c.actions
+        mean, img = (total / count).cpu(), img.cpu()
+        rows = {bi: {j: mean[bi][img[bi] == j] for j in range(int(img[bi].max()) + 1)} for bi in range(img.shape[0])}
+        rows = {bi: v for bi, v in rows.items() if v}
         for bi, vectors in rows.items():
             episode.record(bi, vectors, window)
         return {"recorded_steps": [episode.steps(bi) for bi in sorted(rows)]}
