@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +161,14 @@ class Episode:
     frames: list[list[np.ndarray]]
 
 
+def prompt_padding(processor: Any, cameras: int) -> dict[str, Any]:
+    """Processor keywords that pad every prompt to the longest task's (right padding, as the policy was trained)."""
+    tok = processor.tokenizer
+    text = max(len(tok(f"{tok.bos_token}{t}\n")["input_ids"]) for t in TASKS.values())
+    n = processor.image_seq_length * cameras + text
+    return {"padding": "max_length", "max_length": n}
+
+
 def rollout(policy: Any, processor: Any, jobs: list[tuple[str, int]], envs: int = 8, execute: int = EXECUTE,
             size: int = 112, cameras: tuple[str, ...] = CAMERAS, max_steps: int = 200, noise_seed: int = 0,
             keep_frames: bool = False, blank: bool = False) -> list[Episode]:
@@ -170,7 +179,8 @@ def rollout(policy: Any, processor: Any, jobs: list[tuple[str, int]], envs: int 
     executes the first ``execute`` actions of each chunk. A slot whose episode ends takes the next job, and a pruned
     policy's episode state for that batch row is reset (``vtprune.reset(policy, rows=[i])``) — the other rows keep
     theirs. When the jobs run out, finished slots keep stepping (results ignored) so the batch rows stay aligned.
-    The start noise of each call is drawn from ``noise_seed`` and the call's index: runs are reproducible.
+    Each episode's start noise at each control step is drawn from ``noise_seed``, its task, seed and step, and every
+    prompt is padded to the longest task's (as in training): an episode's outcome does not depend on the batch.
     ``blank``: the policy gets black frames instead of the cameras' (the check that it needs to see).
     """
     import torch
@@ -196,19 +206,21 @@ def rollout(policy: Any, processor: Any, jobs: list[tuple[str, int]], envs: int 
     finished: list[Episode] = []
     mean = torch.tensor(processor.actions_mean)
     std = torch.tensor(processor.actions_std)
-    calls = 0
     while any(s is not None and not s["done"] for s in slots):
         frames = [s["env"].render() for s in slots]
         seen = [[np.zeros_like(f) for f in fr] for fr in frames] if blank else frames
         inputs = processor(images=seen, text=[s["env"].instruction for s in slots],
-                           state=np.stack([s["obs"].state for s in slots]), padding="longest", return_tensors="pt")
-        noise = torch.randn(len(slots), policy.config.chunk_size, policy.config.max_action_dim,
-                            generator=torch.Generator().manual_seed(noise_seed * 1_000_003 + calls))
+                           state=np.stack([s["obs"].state for s in slots]), **prompt_padding(processor, len(cameras)),
+                           return_tensors="pt")
+        # each episode's own noise per control step: an episode's outcome does not depend on its batch neighbours
+        noise = torch.stack([torch.randn(policy.config.chunk_size, policy.config.max_action_dim,
+                                         generator=torch.Generator().manual_seed(
+                                             zlib.crc32(f"{noise_seed} {s['env'].task} {s['env'].seed} "
+                                                        f"{len(s['ep'].step_ms)}".encode()))) for s in slots])
         t0 = time.perf_counter()
         with torch.no_grad():
             out = policy.sample_actions(**inputs, noise=noise)
         ms = (time.perf_counter() - t0) * 1e3
-        calls += 1
         rep = vtprune.last_report(policy) if pruned else None
         kept = ([[im.kept.tolist() for im in rep.images if im.sample == i] for i in range(len(slots))]
                 if rep is not None else [None] * len(slots))
@@ -268,7 +280,8 @@ def step_latency(policy: Any, processor: Any, configs: dict[str, dict[str, Any] 
         obs.append((env.instruction, env.reset()))
         env.close()
     inputs = processor(images=[o.images for _, o in obs], text=[t for t, _ in obs],
-                       state=np.stack([o.state for _, o in obs]), padding="longest", return_tensors="pt")
+                       state=np.stack([o.state for _, o in obs]), **prompt_padding(processor, len(CAMERAS)),
+                       return_tensors="pt")
     noise = torch.randn(envs, policy.config.chunk_size, policy.config.max_action_dim,
                         generator=torch.Generator().manual_seed(0))
 
