@@ -52,9 +52,10 @@ def config_of(method: str, keep: int) -> dict[str, Any]:
 
 
 def points(tokens: int) -> list[dict[str, Any]]:
+    """Every point, the goal's budgets first (a run cut short still answers the goal)."""
     out = [dict(name="unpruned", method="none", budget=1.0), dict(name="blank", method="none", budget=1.0, blank=True)]
-    for m in IN_LLM + PRE_LLM:
-        for b in BUDGETS:
+    for b in (0.25, 0.125, 0.5):
+        for m in IN_LLM + PRE_LLM:
             out.append(dict(name=f"{m}@{b:g}", method=m, budget=b, keep=max(1, round(b * tokens))))
     return out
 
@@ -95,16 +96,19 @@ def plot(res: dict[str, Any], path: Path) -> str:
         return f"no plot: matplotlib is not importable ({e})"
     pts = res["points"]
     base = next(p for p in pts if p["name"] == "unpruned")
-    blank = next(p for p in pts if p["name"] == "blank")
+    blank = next((p for p in pts if p["name"] == "blank"), None)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for m in IN_LLM + PRE_LLM:
         ps = sorted((p for p in pts if p["method"] == m), key=lambda p: -p["budget"])
+        if not ps:
+            continue
         xs = [1.0] + [p["budget"] for p in ps]
         a1.plot(xs, [base["success"]] + [p["success"] for p in ps], marker="o", label=m, lw=2.5 if m == "vla_pruner"
                 else 1.2)
         lat = res["latency"]
         a2.plot(xs, [lat["unpruned"]["median_ms"]] + [lat[p["name"]]["median_ms"] for p in ps], marker="o", label=m)
-    a1.axhline(blank["success"], color="k", ls=":", lw=1, label="unpruned, black frames")
+    if blank is not None:
+        a1.axhline(blank["success"], color="k", ls=":", lw=1, label="unpruned, black frames")
     budget_axis(a1, "success rate (held-out episodes)")
     budget_axis(a2, "control step, ms (median, batch of envs)")
     a1.set_ylim(0, 1.02)
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--policy", default=None, help="a policy directory (default: the shipped one)")
     ap.add_argument("--only", default=None, help="comma list of point names (e.g. unpruned,vla_pruner@0.25)")
     ap.add_argument("--out", type=Path, default=Path("evals/results/robot_cpu.json"))
+    ap.add_argument("--finalize", action="store_true", help="write the results of a stopped run from its .partial.json")
     a = ap.parse_args(argv)
     tokens = vtprune.demo_policy(a.policy)[1].image_seq_length
     pts = points(tokens)
@@ -134,30 +139,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if bad := [n for n in names if n not in {p["name"] for p in pts}]:
             raise SystemExit(f"unknown point(s) {bad}; valid: {', '.join(p['name'] for p in pts)}")
         pts = [p for p in pts if p["name"] in names or p["name"] == "unpruned"]
+    if a.finalize:  # a run stopped early: report the points it finished, and name the others
+        part = json.loads(a.out.with_suffix(".partial.json").read_text())
+        return report(a, part["env"], part["points"], part["latency"], pts, part.get("seconds"))
     env = {**_timing.environment(), "threads": "1 per worker", "workers": str(a.workers)}
     print(_timing.environment_line(env))
     t0 = time.perf_counter()
-    run = functools.partial(run_point, episodes=a.episodes, envs=a.envs, path=a.policy)
-    if a.workers > 1:
-        with mp.get_context("spawn").Pool(a.workers) as pool:
-            results = []
-            for r in pool.imap(run, pts):
-                results.append(r)
-                print(f"  {r['name']:>18}: success {r['success']:.3f} "
-                      f"({', '.join(f'{v:.2f}' for v in r['success_per_task'].values())}) {r['seconds']:.0f} s",
-                      flush=True)
-    else:
-        results = [run(p) for p in pts]
+    # latency first, on an otherwise idle machine (the rollouts' worker processes would share its cores)
     print("latency (one control step, interleaved):", flush=True)
     lat = latency(pts, a.envs, a.repeats, a.policy)
+    run = functools.partial(run_point, episodes=a.episodes, envs=a.envs, path=a.policy)
+    results: list[dict[str, Any]] = []
+    order = {p["name"]: i for i, p in enumerate(pts)}
+
+    def done(r: dict[str, Any]) -> None:
+        results.append(r)
+        results.sort(key=lambda x: order[x["name"]])
+        print(f"  {r['name']:>18}: success {r['success']:.3f} "
+              f"({', '.join(f'{v:.2f}' for v in r['success_per_task'].values())}) {r['seconds']:.0f} s", flush=True)
+        partial = dict(env=env, partial=True, episodes_per_task=a.episodes, points=results, latency=lat,
+                       seconds=time.perf_counter() - t0)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.with_suffix(".partial.json").write_text(json.dumps(partial, indent=1))
+
+    if a.workers > 1:
+        with mp.get_context("spawn").Pool(a.workers) as pool:
+            for r in pool.imap_unordered(run, pts):
+                done(r)
+    else:
+        for p in pts:
+            done(run(p))
+    return report(a, env, results, lat, pts, time.perf_counter() - t0)
+
+
+def report(a: argparse.Namespace, env: dict[str, str], results: list[dict[str, Any]], lat: dict[str, Any],
+           pts: list[dict[str, Any]], wall_s: float | None) -> dict[str, Any]:
     base = next(r for r in results if r["name"] == "unpruned")
     for r in results:
         r["success_vs_unpruned"] = r["success"] / base["success"] if base["success"] else None
+    missing = [p["name"] for p in pts if p["name"] not in {r["name"] for r in results}]
     res = dict(env=env, policy=a.policy or "shipped (vtprune.demo_policy())", tasks=mw.TASKS, layer=LAYER,
                execute=EXECUTE, envs=a.envs, episodes_per_task=a.episodes,
                episodes_per_point=a.episodes * len(mw.TASKS),
-               first_seed=mw.HELD_OUT_SEED, points=results, latency=lat, goal=GOAL, goal_verdict=goal(results),
-               timing=_timing.method_line(a.repeats, 1), wall_s=time.perf_counter() - t0)
+               first_seed=mw.HELD_OUT_SEED, points=results, not_run=missing, latency=lat, goal=GOAL,
+               goal_verdict=goal(results), timing=_timing.method_line(a.repeats, 1), wall_s=wall_s)
     print(f"{'point':>18} {'success':>8} {'vs unpruned':>11} {'per task':>20} {'step ms':>8} {'p10-p90':>13} "
           f"{'speed-up':>9}")
     for r in results:
@@ -167,11 +192,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{lt['speedup']['ratio']:>7.2f}x{lt['speedup']['flag']}") if lt else ""
         print(f"{r['name']:>18} {r['success']:>8.3f} {rel:>11} "
               f"{' '.join(f'{v:.2f}' for v in r['success_per_task'].values()):>20} {tail}")
+    if missing:
+        print(f"NOT RUN (the run was stopped before them): {', '.join(missing)}")
     print("goal: " + GOAL + "\n  " + "\n  ".join(res["goal_verdict"]))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     res["plot"] = plot(res, a.out.with_suffix(".png"))
-    print(f"wrote {a.out}; {res['plot']}; {res['wall_s']:.0f} s")
+    print(f"wrote {a.out}; {res['plot']}; {wall_s or float('nan'):.0f} s")
     return res
 
 
@@ -188,9 +215,12 @@ def goal(results: list[dict[str, Any]]) -> list[str]:
     if v12:
         others = {n: r["success"] for n, r in by.items() if n.endswith("@0.125") and n != "vla_pruner@0.125"}
         best = max(others.items(), key=lambda kv: kv[1]) if others else None
+        absent = [m for m in IN_LLM + PRE_LLM if m != "vla_pruner" and f"{m}@0.125" not in by]
         if best:
-            lines.append(f"vla_pruner@12.5%: {v12['success']:.3f}; best other method {best[0]} {best[1]:.3f} -> "
-                         f"{'meets' if all(v12['success'] > s for s in others.values()) else 'misses'}")
+            verdict = ("misses" if any(v12["success"] <= s for s in others.values()) else
+                       f"not established ({', '.join(absent)} not run)" if absent else "meets")
+            lines.append(f"vla_pruner@12.5%: {v12['success']:.3f}; best other method run {best[0]} {best[1]:.3f} -> "
+                         f"{verdict}")
     return lines
 
 
