@@ -172,13 +172,17 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     from vtprune.cli import main
 
     main(["demo", "--out", str(tmp_path), "--methods", "fastervlm,random", "--ratios", "0.25,0.05", "--samples", "4",
-          "--repeats", "1"])
+          "--repeats", "1", "--robot-episodes", "1"])
     text = capsys.readouterr().out
     assert "speed-up" in text and "device:" in text and "held-out accuracy" in text
     assert "256->64" in text and "256->13" in text  # tokens kept at 25 % and 5 % of 256
     assert "fastervlm@13" in text and "random@13" in text
     assert S.item("heldout", 3, size=224).qa.question in text  # the answers table lists every sample question
-    for f in ("kept_all.png", "kept_sample0.png", "kept_fastervlm_0.25.png", "kept_random_0.05.png"):
+    # the robot part: the shipped policy, one held-out episode per task, unpruned and vla_pruner at 25 %
+    assert "robot policy: the shipped Meta-World π0" in text and "vla_pruner keep 16/64 per camera" in text
+    assert text.count("/1 solved") == 6 and "robot_episode.png" in text
+    for f in ("kept_all.png", "kept_sample0.png", "kept_fastervlm_0.25.png", "kept_random_0.05.png",
+              "robot_episode.png"):
         w, h = _png_ok(tmp_path / f)
         assert w > 50 and h > 50
 

@@ -4,17 +4,21 @@ demo: the shipped demo model (``vtprune.demo_model``, trained by the project) an
 unpruned and pruned by several selectors at several budgets; prints answers, visual tokens kept, prefill time and
 speed-up side by side and writes PNGs of the kept patches. Prefill times come from ``vtprune._timing``: every
 configuration is timed in the same interleaved rounds, threads pinned, median and p10-p90 reported, and a speed-up
-the spread does not support is flagged.
+the spread does not support is flagged. Then the shipped Meta-World robot policy (``vtprune.demo_policy``) runs a few
+held-out episodes closed loop, unpruned and with ``vla_pruner`` at 25 %: success, control-step latency, and a strip of
+one episode's camera frames with the kept patches.
 viz: the same picture (and answer) for a user's image, model and method.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 from . import _timing
 
@@ -187,6 +191,62 @@ def run_viz(image: Path, method: str, keep: int, model_name: str, out: Path, que
     print(f"wrote {out}")
 
 
+def run_robot_demo(out: Path, episodes: int = 2, keep_ratio: float = 0.25, repeats: int = 7, threads: int = 1,
+                   steps_shown: int = 10) -> dict:
+    """The shipped Meta-World policy (``vtprune.demo_policy``) closed loop on ``episodes`` held-out seeds per task,
+    unpruned and with ``vla_pruner`` at ``keep_ratio`` of each camera's tokens: success, control-step latency (one
+    batched step, both interleaved) and ``out/robot_episode.png``, the first pruned episode's corner camera at each
+    control step with the kept patches (warm-up steps keep all)."""
+    import vtprune
+
+    from . import metaworld as mw
+    from .demo_models import ASSETS, POLICY
+    from .viz import overlay, stack
+
+    with _timing.pinned_threads(threads):
+        policy, proc = vtprune.demo_policy()
+        rec = json.loads((ASSETS / POLICY / "training.json").read_text())
+        tokens = proc.image_seq_length
+        cfg = dict(method="vla_pruner", keep=max(1, round(keep_ratio * tokens)), layer=1)
+        name = f"vla_pruner keep {cfg['keep']}/{tokens} per camera"
+        print(f"\nrobot policy: the shipped Meta-World π0 ({sum(p.numel() for p in policy.parameters()) / 1e6:.1f} M "
+              f"parameters, {len(mw.CAMERAS)} cameras x {tokens} tokens; trained here in "
+              f"{rec['seconds']['total'] / 60:.0f} min, held-out success "
+              f"{', '.join(f'{t} {v:.2f}' for t, v in rec['held_out']['success'].items())})")
+        jobs = [(t, mw.HELD_OUT_SEED + i) for t in mw.TASKS for i in range(episodes)]
+        runs = {"unpruned": mw.rollout(policy, proc, jobs, envs=len(jobs))}
+        vtprune.prune(policy, **cfg)
+        try:
+            runs[name] = mw.rollout(policy, proc, jobs, envs=len(jobs), keep_frames=True)
+        finally:
+            vtprune.unprune(policy)
+        lat = mw.step_latency(policy, proc, {"unpruned": None, name: cfg}, envs=len(jobs), repeats=repeats)
+    print(f"{'':>36} " + " ".join(f"{t:>24}" for t in mw.TASKS) + f" {'step ms (batch ' + str(len(jobs)) + ')':>18}"
+          f" {'speed-up':>9}")
+    for label, eps in runs.items():
+        cells = [f"{sum(e.success for e in eps if e.task == t)}/{sum(e.task == t for e in eps)} solved"
+                 for t in mw.TASKS]
+        lt = lat[label]
+        print(f"{label:>36} " + " ".join(f"{c:>24}" for c in cells) + f" {lt['median_ms']:>18.1f} "
+              f"{lt['speedup']['ratio']:>8.2f}x{lt['speedup']['flag']}")
+    ep = runs[name][0]
+    side = int(round(tokens ** 0.5))
+    tiles = []
+    for i, (frames, kept) in enumerate(zip(ep.frames[:steps_shown], ep.kept)):
+        grid = torch.zeros(tokens, dtype=torch.bool)
+        grid[torch.tensor(kept[0])] = True
+        tile = overlay(Image.fromarray(frames[0]), grid.view(side, side), size=168)
+        label = "warm-up" if len(kept[0]) == tokens else f"{len(kept[0])}/{tokens}"
+        ImageDraw.Draw(tile).text((3, 3), f"step {i}: {label}", fill=(255, 255, 255))
+        tiles.append(tile)
+    path = out / "robot_episode.png"
+    out.mkdir(parents=True, exist_ok=True)
+    stack(tiles, columns=5).save(path)
+    print(f"picture: {path} ({ep.task}, seed {ep.seed}, {'solved' if ep.success else 'not solved'} in {ep.steps} "
+          f"steps; corner camera, kept patches bright)")
+    return {"runs": {k: [e.success for e in v] for k, v in runs.items()}, "latency": lat}
+
+
 def main(argv: list[str] | None = None) -> None:
     from .demo_models import DEMO_MODELS
 
@@ -201,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--repeats", type=int, default=7, help="timed runs per configuration (interleaved rounds)")
     d.add_argument("--threads", type=int, default=1, help="torch intra-op threads, pinned and reported (1: steadiest "
                    "on a small or shared CPU, where a descheduled worker thread stalls the whole op)")
+    d.add_argument("--robot-episodes", type=int, default=2, help="held-out episodes per Meta-World task for the robot "
+                   "policy part (0: skip it)")
     v = sub.add_parser("viz", help="picture of the tokens a method keeps on your image")
     v.add_argument("image", type=Path)
     v.add_argument("--method", default="fastervlm")
@@ -222,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "demo":
         run_demo(a.out, [float(x) for x in a.ratios.split(",")], a.methods.split(","), a.repeats, a.model, a.samples,
                  threads=a.threads)
+        if a.robot_episodes > 0:
+            run_robot_demo(a.out, a.robot_episodes, repeats=a.repeats, threads=a.threads)
     else:
         run_viz(a.image, a.method, a.keep, a.model, a.out, a.question)
 
