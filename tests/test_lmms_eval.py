@@ -1,5 +1,6 @@
-"""The lmms-eval plugin (``--model vtprune``): real CLI runs on saved tiny checkpoints, plus in-process checks of
-``generate_until`` / ``loglikelihood`` against independent references.
+"""The lmms-eval plugin (``--model vtprune`` wrapping lmms-eval's own model classes, and ``vtprune_hf``): real CLI
+runs on saved tiny checkpoints, in-process checks of ``generate_until`` / ``loglikelihood`` against independent
+references, and ``method=none`` == ``--model <base>`` per sample.
 
 lmms-eval's CLI exits 0 even when evaluation fails, so every CLI check reads the results JSON, the samples JSONL or
 the log, never the exit code. The CLI runs are started once, two at a time, by a module fixture (each costs ~15 s,
@@ -26,16 +27,27 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is the optional `eval` extra:
 from lmms_eval.api.instance import Instance  # noqa: E402
 
 import vtprune  # noqa: E402
-from vtprune.integrations.lmms_eval import VTPruneLMM, build_prune_config, load_processor  # noqa: E402
+from vtprune.integrations.lmms_eval import VTPrune, build_prune_config  # noqa: E402
+from vtprune.integrations.lmms_hf import load_processor  # noqa: E402
 from vtprune.testing import tiny_llava, tiny_qwen2_vl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "evals" / "tasks"
 TASK_DIR = TASKS / "vtprune_synth"
-LIMIT = 8
-N_CHOICES = 4
+GEN, MC = "vtprune_synth224_attribute", "vtprune_synth224_mc_attribute"  # colour questions: five choices each
+LIMIT = 6
+N_CHOICES = 5
 REQUESTS = LIMIT + LIMIT * N_CHOICES  # generation requests + one log-likelihood request per choice
 KEEP = 8
+HUB_TASK_YAML = """task: vtprune_hub_task
+dataset_path: nosuch-org/nosuch-dataset
+test_split: test
+output_type: generate_until
+doc_to_text: question
+doc_to_target: answer
+metric_list:
+  - metric: exact_match
+"""
 
 
 # ---- saved checkpoints and CLI runs ----------------------------------------------------------------------------------
@@ -80,7 +92,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cli(workdir: Path, model_args: str, processes: int = 1, tasks: str = "vtprune_synth,vtprune_synth_mc") -> Run:
+def _cli(workdir: Path, model_args: str, processes: int = 1, tasks: str = f"{GEN},{MC}",
+         include: Path = TASKS) -> Run:
     out = workdir / "out"
     env = {**os.environ, "HF_HOME": str(workdir / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            # one thread per process: two runs (or ranks) share this machine's 2 cores without oversubscribing
@@ -93,7 +106,7 @@ def _cli(workdir: Path, model_args: str, processes: int = 1, tasks: str = "vtpru
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                   "--main_process_port", str(_free_port()), "-m", "lmms_eval"]
-    cmd = [*launch, "--model", "vtprune", "--model_args", model_args, "--tasks", tasks, "--include_path", str(TASKS),
+    cmd = [*launch, "--model", "vtprune", "--model_args", model_args, "--tasks", tasks, "--include_path", str(include),
            "--limit", str(LIMIT), "--batch_size", "2", "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=400)
     return Run(out, proc.stdout + proc.stderr)
@@ -103,20 +116,26 @@ def _cli(workdir: Path, model_args: str, processes: int = 1, tasks: str = "vtpru
 def runs(ckpts, tmp_path_factory) -> dict[str, Future]:
     """All CLI runs of this module, started at once, two at a time; a test waits for the ones it reads."""
     llava, qwen = ckpts["llava"], ckpts["qwen2_vl"]
+    hf = "base=vtprune_hf,"  # the multiple-choice task needs a base with loglikelihood
     specs = {  # longest first
-        "llava_divprune_2proc": (f"pretrained={llava},method=divprune,keep={KEEP}", 2),
-        "llava_divprune": (f"pretrained={llava},method=divprune,keep={KEEP}", 1),
-        "llava_none": (f"pretrained={llava},method=none", 1),
+        "llava_divprune_2proc": (f"{hf}pretrained={llava},method=divprune,keep={KEEP}", 2),
+        "llava_divprune": (f"{hf}pretrained={llava},method=divprune,keep={KEEP}", 1),
+        "llava_none": (f"{hf}pretrained={llava},method=none", 1),
         # a whole stage list as one JSON value (lmms-eval splits model_args on commas outside brackets/quotes)
-        "qwen_fastervlm": (f'pretrained={qwen},stages=[{{"method":"fastervlm","keep":{KEEP}}}],seed=3', 1),
+        "qwen_fastervlm": (f'{hf}pretrained={qwen},stages=[{{"method":"fastervlm","keep":{KEEP}}}],seed=3', 1),
         "bad_method": (f"pretrained={llava},method=bogus,keep=8", 1),
         "bad_keep": (f"pretrained={llava},method=divprune,keep=-3", 1),
         "bad_model": (f"pretrained={ckpts['fuyu']},method=divprune,keep=8", 1),
+        "bad_base": (f"base=nosuch,pretrained={llava},method=divprune,keep=8", 1),
     }
     pool = ThreadPoolExecutor(max_workers=2)
-    futures = {name: pool.submit(_cli, tmp_path_factory.mktemp(name), args, procs, "vtprune_synth" if
-                                 name.startswith("bad") else "vtprune_synth,vtprune_synth_mc")
-               for name, (args, procs) in specs.items()}
+    futures = {name: pool.submit(_cli, tmp_path_factory.mktemp(name), args, procs, GEN if name.startswith("bad")
+                                 else f"{GEN},{MC}") for name, (args, procs) in specs.items()}
+    # a task on a hub dataset that is not cached, under HF_DATASETS_OFFLINE=1 (set by _cli)
+    hub = tmp_path_factory.mktemp("hub_task")
+    (hub / "hub_task.yaml").write_text(HUB_TASK_YAML)
+    futures["missing_dataset"] = pool.submit(_cli, tmp_path_factory.mktemp("missing"),
+                                             f"pretrained={llava},method=divprune,keep=8", 1, "vtprune_hub_task", hub)
     yield futures
     pool.shutdown(wait=True)
 
@@ -131,13 +150,12 @@ def _start_cli_runs_early(request):
 
 def _tokens_per_image(ckpt: Path) -> int:
     """Visual tokens the unpruned model gets for one task image, counted in the processor's own output."""
-    from PIL import Image
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(ckpt)
     proc = load_processor(str(ckpt))
     token = "<image>" if cfg.model_type == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
-    img = Image.open(TASK_DIR / "images" / "00.png").convert("RGB")
+    img = _visual(_docs()[0])[0]
     ids = proc(images=[img], text=[f"{token} what?"], return_tensors="pt")["input_ids"]
     return int((ids == cfg.image_token_id).sum())
 
@@ -149,9 +167,9 @@ def _stats(res: dict) -> dict:
     return stats
 
 
-def _check_run(run: Run, ckpt: Path, expected_config: dict, budget: int | None) -> dict:
+def _check_run(run: Run, ckpt: Path, expected_config: dict, budget: int | None, world_size: int = 1) -> dict:
     res = run.results()
-    for task in ("vtprune_synth", "vtprune_synth_mc"):
+    for task in (GEN, MC):
         acc = res["results"][task]["acc,none"]
         assert isinstance(acc, float) and 0.0 <= acc <= 1.0, (task, acc)
         assert res["n-samples"][task]["effective"] == LIMIT
@@ -164,16 +182,14 @@ def _check_run(run: Run, ckpt: Path, expected_config: dict, budget: int | None) 
     assert st["samples"] == REQUESTS and st["images"] == REQUESTS
     assert st["prefill_ms"] > 0
     assert st["llm_input_tokens"] > after
+    assert st["world_size"] == world_size and st["cuda"] == 0.0
     assert "vtprune run: " in run.log and json.dumps(expected_config) in run.log  # full config in the log
-    # per sample: statistics and the full config ride on lmms-eval's token_counts
-    for s in run.samples("vtprune_synth").values():
+    # per sample: the full config, base, device and world size ride on lmms-eval's token_counts
+    for s in run.samples(GEN).values():
         tc = s["token_counts"][0]
-        assert tc["vtprune"]["config"] == expected_config
-        assert tc["vtprune"]["visual_tokens_before"] == n and tc["vtprune"]["visual_tokens_after"] == after
-        assert tc["input_tokens"] == tc["vtprune"]["llm_input_tokens"]
-        assert 1 <= tc["output_tokens"] <= 4  # the task's max_new_tokens
-    assert res["efficiency"]["by_task"]["vtprune_synth"]["total_input_tokens"] == sum(
-        s["token_counts"][0]["input_tokens"] for s in run.samples("vtprune_synth").values())
+        assert tc["vtprune"] == {"config": expected_config, "base": "vtprune_hf", "model": str(ckpt), "device": "cpu",
+                                 "world_size": world_size}
+        assert 1 <= tc["output_tokens"] <= 8  # the task's max_new_tokens
     return res
 
 
@@ -181,22 +197,23 @@ def _mc_losses(run: Run) -> dict[int, list[float]]:
     import ast
 
     return {d: [ast.literal_eval(r)[0] if isinstance(r, str) else r[0] for r in s["filtered_resps"]]
-            for d, s in run.samples("vtprune_synth_mc").items()}
+            for d, s in run.samples(MC).items()}
 
 
 # ---- in process: the model class against independent references ---------------------------------------------------
 def _docs() -> list[dict]:
-    return [json.loads(line) for line in (TASK_DIR / "test.jsonl").read_text().splitlines()[:4]]
+    rows = [json.loads(line) for line in (TASK_DIR / "heldout.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["qtype"] == "attribute"][:4]
 
 
 def _visual(doc: dict) -> list:
-    from PIL import Image
+    from vtprune.synth import item
 
-    return [Image.open(TASK_DIR / doc["image"]).convert("RGB")]
+    return [item("heldout", doc["index"], size=224).image]
 
 
-def _lm(ckpt: Path, **kw) -> VTPruneLMM:
-    lm = VTPruneLMM(pretrained=str(ckpt), device="cpu", **kw)
+def _lm(ckpt: Path, **kw) -> VTPrune:
+    lm = VTPrune(pretrained=str(ckpt), base="vtprune_hf", device="cpu", **kw)
     lm.task_dict = {"t": {"test": _docs()}}
     return lm
 
@@ -222,13 +239,14 @@ def test_loglikelihood_equals_label_loss_of_pruned_model(ckpts, family):
     """The plugin's (loss, greedy) per continuation == the pruned model's own language-modelling loss with labels
     on the continuation only (vtprune compacts labels like input_ids), one sample at a time."""
     lm = _lm(ckpts[family], method="divprune", keep=KEEP, batch_size=3)
+    assert lm.base.model is lm.model and vtprune.is_pruned(lm.model)  # pruned in place, inside lmms-eval's object
     reqs = _ll_requests()
     got = lm.loglikelihood(reqs)
     for r, (loss, greedy) in zip(reqs, got):
         ctx, cont = r.args[0], r.args[1]
-        prompt = lm.prompt(ctx, 1)
-        inputs = lm.processor(images=_visual(lm.task_dict["t"]["test"][r.args[3]]), text=[prompt + cont],
-                              return_tensors="pt")
+        prompt = lm.base.prompt(ctx, 1)
+        inputs = lm.base.processor(images=_visual(lm.task_dict["t"]["test"][r.args[3]]), text=[prompt + cont],
+                                   return_tensors="pt")
         n = len(lm.tokenizer(prompt + cont)["input_ids"]) - len(lm.tokenizer(prompt)["input_ids"])
         labels = torch.full_like(inputs["input_ids"], -100)
         labels[:, -n:] = inputs["input_ids"][:, -n:]
@@ -238,20 +256,22 @@ def test_loglikelihood_equals_label_loss_of_pruned_model(ckpts, family):
         pred = out.logits[0, -n - 1:-1].argmax(-1)
         assert greedy == bool((pred == inputs["input_ids"][0, -n:]).all())
         assert vtprune.last_report(lm.model).visual_after == KEEP
-    assert lm.stats.samples == len(reqs) and lm.stats.visual_after == KEEP * len(reqs)
+    # the wrapper counted the plugin's batched forwards (3 + 3 + 2 requests), not the reference calls above...
+    assert lm.stats.calls == 3 + len(reqs) and lm.stats.samples == 2 * len(reqs)
+    assert lm.stats.visual_after == KEEP * lm.stats.images
 
 
 def test_generate_until_batched_equals_single_and_honours_gen_kwargs(ckpts):
     gk = {"max_new_tokens": 5, "temperature": 0, "until": []}
     lm = _lm(ckpts["qwen2_vl"], method="uniform", keep=KEEP, batch_size=4)
     batched = lm.generate_until(_gen_requests(gk))
-    lm.batch_size_per_gpu = 1
+    lm.base.batch_size_per_gpu = 1
     single = lm.generate_until(_gen_requests(gk))
     assert [r.text for r in batched] == [r.text for r in single]
     for r in batched:
         assert 1 <= r.token_counts.output_tokens <= 5
-        assert r.token_counts.vtprune["visual_tokens_after"] == KEEP
-    assert {r.token_counts.vtprune["batch_size"] for r in batched} == {4}
+        assert r.token_counts.vtprune["config"]["stages"] == [{"method": "uniform", "keep": KEEP}]
+    assert lm.stats.visual_after == KEEP * lm.stats.images and lm.stats.calls == 1 + 4
     # `until`: a stop string cuts the text before it
     text = batched[0].text
     stop = text[len(text) // 2:][:2]
@@ -268,19 +288,61 @@ def test_keep_all_equals_method_none(ckpts):
         [r.text for r in keep_all.generate_until(_gen_requests(gk))]
     assert none.loglikelihood(_ll_requests()) == keep_all.loglikelihood(_ll_requests())
     assert none.stats.visual_after == none.stats.visual_before == keep_all.stats.visual_after > 0
+    assert none.stats.images == keep_all.stats.images == len(_docs()) + len(_ll_requests())
 
 
-def test_clean_logs_statistics_into_lmms_eval_throughput(ckpts):
+def test_clean_logs_statistics_and_restores_the_model(ckpts):
     from lmms_eval.models.model_utils.gen_metrics import reset_logged_metrics, summarize_logged_metrics
 
     reset_logged_metrics()
     lm = _lm(ckpts["llava"], method="divprune", keep=4)
+    model = lm.model
+    assert "generate" in vars(model)
     lm.generate_until(_gen_requests({"max_new_tokens": 2}))
     lm.clean()
     summary = summarize_logged_metrics()
     assert summary["avg_vtprune_visual_tokens_after"] == 4 and summary["avg_vtprune_samples"] == len(_docs())
+    assert summary["avg_vtprune_world_size"] == 1
     assert lm.last_summary["vtprune_visual_tokens_after"] == 4
-    assert not hasattr(lm, "_model")  # freed, as lmms-eval's own models do
+    assert not model._forward_hooks or all("VTPrune" not in repr(h) for h in model._forward_hooks.values())
+    assert vars(model)["generate"].__class__.__name__ == "_Generate"  # vtprune's own, the wrapper's is gone
+    assert not hasattr(lm.base, "_model")  # freed, as lmms-eval's own models do
+
+
+# ---- method=none is lmms-eval's own class, sample for sample --------------------------------------------------------
+def _evaluate(model: str, model_args: str, tasks: list[str], limit: int, force_simple: bool = False) -> dict:
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    return simple_evaluate(model=model, model_args=model_args, tasks=tasks, limit=limit, log_samples=True,
+                           task_manager=TaskManager(include_path=str(TASKS)), force_simple=force_simple)
+
+
+def _responses(res: dict) -> dict[tuple[str, int], list]:
+    return {(t, s["doc_id"]): s["filtered_resps"] for t, ss in res["samples"].items() for s in ss}
+
+
+@pytest.mark.parametrize("force_simple", [False, True], ids=["chat", "simple"])
+def test_method_none_equals_lmms_eval_llava_hf(force_simple, monkeypatch, tmp_path):
+    """``--model vtprune --model_args base=llava_hf,method=none`` answers every sample exactly as ``--model
+    llava_hf`` (chat and simple class) on the shipped demo LLaVA (its chat template is what makes llava_hf usable on
+    it). Pruned, the same base gives other answers on some sample. (llava_hf's own ``loglikelihood`` fails on
+    transformers 5 — it calls the processor on a prompt with an image token and no image — so no multiple choice.)"""
+    from vtprune.demo_models import model_dir
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    tasks = [GEN]
+    direct = _evaluate("llava_hf", f"pretrained={model_dir('llava')},device=cpu,device_map=cpu", tasks, 4,
+                       force_simple)
+    wrapped = _evaluate("vtprune", "base=llava_hf,pretrained=vtprune:llava,method=none", tasks, 4, force_simple)
+    assert wrapped["config"]["model_backend"].endswith(f"VTPrune{'' if force_simple else 'Chat'} "
+                                                       f"({'simple' if force_simple else 'chat'})")
+    assert _responses(direct) == _responses(wrapped)
+    assert direct["results"][GEN]["acc,none"] == wrapped["results"][GEN]["acc,none"] == 1.0
+    if not force_simple:
+        pruned = _evaluate("vtprune", "base=llava_hf,pretrained=vtprune:llava,method=random,keep=2", tasks, 4)
+        assert _responses(pruned) != _responses(direct)
+        assert pruned["throughput"]["avg_vtprune_visual_tokens_after"] == 2
 
 
 # ---- argument handling -------------------------------------------------------------------------------------------
@@ -311,8 +373,10 @@ def test_entry_point_registered():
 
     eps = [e for e in entry_points(group="lmms_eval.models") if e.name == "vtprune"]
     assert eps, "vtprune is not registered in the lmms_eval.models entry-point group: pip install -e '.[eval]'"
-    (manifest,) = eps[0].load()()
-    assert manifest.model_id == "vtprune" and manifest.simple_class_path.endswith("lmms_eval.VTPruneLMM")
+    manifest, hf = eps[0].load()()
+    assert manifest.model_id == "vtprune" and manifest.simple_class_path.endswith("lmms_eval.VTPrune")
+    assert manifest.chat_class_path.endswith("lmms_eval.VTPruneChat")
+    assert hf.model_id == "vtprune_hf"
 
 
 def test_cli_llava_divprune(runs, ckpts):
@@ -334,22 +398,27 @@ def test_cli_qwen_fastervlm_stages_json(runs, ckpts):
                {"stages": [{"method": "fastervlm", "keep": KEEP}], "positions": "preserve", "seed": 3}, KEEP)
 
 
-def test_cli_two_processes_equal_one(runs):
+def test_cli_two_processes_equal_one(runs, ckpts):
     one, two = runs["llava_divprune"].result(), runs["llava_divprune_2proc"].result()
     assert "Running on rank 1" in two.log, "the two-process run did not start a second rank:\n" + two.log[-3000:]
     r1, r2 = one.results(), two.results()
-    for task in ("vtprune_synth", "vtprune_synth_mc"):
+    for task in (GEN, MC):
         assert r1["results"][task]["acc,none"] == r2["results"][task]["acc,none"]
         s1, s2 = one.samples(task), two.samples(task)
         assert sorted(s1) == sorted(s2) == list(range(LIMIT))  # every doc once: the ranks' shards were merged
-    g1, g2 = one.samples("vtprune_synth"), two.samples("vtprune_synth")
+    g1, g2 = one.samples(GEN), two.samples(GEN)
     assert all(g1[d]["filtered_resps"] == g2[d]["filtered_resps"] for d in g1)
     # other shards mean other batches, hence other left padding: equal up to float rounding
     m1, m2 = _mc_losses(one), _mc_losses(two)
     assert all(a == pytest.approx(b, abs=1e-5) for d in m1 for a, b in zip(m1[d], m2[d], strict=True))
     st1, st2 = _stats(r1), _stats(r2)
+    assert st1["world_size"] == 1 and st2["world_size"] == 2  # the results record the processes
+    _check_run(two, ckpts["llava"], {"stages": [{"method": "divprune", "keep": KEEP}], "positions": "preserve",
+                                     "seed": 0}, KEEP, world_size=2)
     for k in st1:
-        if k != "prefill_ms":  # timings differ; everything counted must not (ranks' statistics are summed)
+        # timings and the number of model calls (batches) differ with the shards; everything counted per sample or
+        # image must not (ranks' statistics are summed)
+        if k not in ("prefill_ms", "calls", "world_size"):
             assert st1[k] == st2[k], k
 
 
@@ -358,9 +427,18 @@ def test_cli_two_processes_equal_one(runs):
     ("bad_keep", "vtprune lmms-eval model: keep must be an int ≥ 1 (visual tokens per image), got -3"),
     ("bad_model", "unsupported model family 'fuyu'; supported model_type values: "
                   + ", ".join(vtprune.supported_models())),
+    ("bad_base", "vtprune lmms-eval model: unknown base 'nosuch'; lmms-eval models: "),
 ])
 def test_cli_bad_model_args_show_vtprune_error(runs, name, text):
     run = runs[name].result()
     assert text in run.log, run.log[-3000:]
     assert "Error during evaluation" in run.log
+    assert not glob.glob(str(run.out / "**" / "*_results.json"), recursive=True)
+
+
+def test_cli_offline_missing_dataset_is_named_before_the_model_loads(runs):
+    run = runs["missing_dataset"].result()
+    assert ("task 'vtprune_hub_task' needs dataset 'nosuch-org/nosuch-dataset'" in run.log
+            and "not in the local cache" in run.log), run.log[-3000:]
+    assert "Loading weights" not in run.log and "vtprune: " not in run.log.replace("vtprune lmms-eval model:", "")
     assert not glob.glob(str(run.out / "**" / "*_results.json"), recursive=True)

@@ -1,4 +1,4 @@
-"""`vtprune demo` and `vtprune viz`.
+"""`vtprune demo`, `vtprune viz` and `vtprune sweep`.
 
 demo: the shipped demo model (``vtprune.demo_model``, trained by the project) answers held-out synthetic questions
 unpruned and pruned by several selectors at several budgets; prints answers, visual tokens kept, prefill time and
@@ -8,6 +8,8 @@ the spread does not support is flagged. Then the shipped Meta-World robot policy
 held-out episodes closed loop, unpruned and with ``vla_pruner`` at 25 %: success, control-step latency, and a strip of
 one episode's camera frames with the kept patches.
 viz: the same picture (and answer) for a user's image, model and method.
+sweep: lmms-eval over methods x budgets plus the unpruned baseline (``vtprune.integrations.sweep``; the ``eval``
+extra): one table and one plot of the metric vs visual tokens vs prefill time.
 """
 
 from __future__ import annotations
@@ -247,6 +249,22 @@ def run_robot_demo(out: Path, episodes: int = 2, keep_ratio: float = 0.25, repea
     return {"runs": {k: [e.success for e in v] for k, v in runs.items()}, "latency": lat}
 
 
+def _sweep(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    from .integrations.sweep import sweep
+
+    try:
+        keeps = [int(k) for k in a.keep.split(",") if k]
+    except ValueError:
+        p.error(f"--keep must be comma-separated integers, got {a.keep!r}")
+    try:
+        sweep(a.model, [m for m in a.methods.split(",") if m], keeps, [t for t in a.tasks.split(",") if t], a.out,
+              a.base, a.limit, a.include_path, a.model_args, a.batch_size)
+    except ValueError as e:
+        p.error(str(e))
+    print(f"wrote {a.out / 'sweep.md'}, {a.out / 'sweep.png'} and {a.out / 'sweep.json'}")
+    print((a.out / "sweep.md").read_text())
+
+
 def main(argv: list[str] | None = None) -> None:
     from .demo_models import DEMO_MODELS
 
@@ -271,7 +289,22 @@ def main(argv: list[str] | None = None) -> None:
                    "directory")
     v.add_argument("--question", default="what colour is the circle?")
     v.add_argument("--out", type=Path, default=Path("demo_out/viz.png"))
+    w = sub.add_parser("sweep", help="lmms-eval over methods x budgets plus the unpruned baseline: a table and a plot")
+    w.add_argument("--model", required=True, help="pretrained= of the runs: a directory, a hub id or vtprune:llava")
+    w.add_argument("--methods", required=True, help="comma-separated vtprune methods")
+    w.add_argument("--keep", required=True, help="comma-separated visual-token budgets per image")
+    w.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks (the first one is plotted)")
+    w.add_argument("--base", default=None, help="lmms-eval model class to wrap (default: per model family)")
+    w.add_argument("--limit", type=int, default=None, help="documents per task (lmms-eval --limit)")
+    w.add_argument("--batch-size", type=int, default=1)
+    w.add_argument("--include-path", type=Path, default=None, help="extra task folder (default: the bundled tasks "
+                   "of a source checkout)")
+    w.add_argument("--model-args", default="", help="more model_args for every run, e.g. dtype=bfloat16")
+    w.add_argument("--out", type=Path, default=Path("sweep_out"))
     a = p.parse_args(argv)
+    if a.cmd == "sweep":
+        _sweep(p, a)
+        return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers.utils import logging as hf_logging
 

@@ -1,57 +1,70 @@
-"""lmms-eval 0.7.x model ``vtprune``: any supported Hugging Face VLM, pruned by one ``vtprune.prune`` call.
+"""lmms-eval 0.7.x model ``vtprune``: lmms-eval's own model class for the checkpoint, with its model pruned in place.
 
     lmms-eval --model vtprune \\
-        --model_args pretrained=<dir or hub id>,method=divprune,keep=64 \\
-        --tasks <tasks> --batch_size 4 --output_path out/ --log_samples
+        --model_args base=llava_hf,pretrained=<dir, hub id or vtprune:llava>,method=divprune,keep=64 \\
+        --tasks <tasks> --output_path out/ --log_samples
     accelerate launch --num_processes 2 -m lmms_eval --model vtprune ...      # data parallel, same metric
 
-On a CPU-only machine add ``--multi_gpu`` (without it accelerate silently starts one process; with it, torchrun-style
-processes and a gloo group) and set ``OMP_NUM_THREADS``; ``examples/lmms_eval_run.sh`` has both commands.
+``--model vtprune`` builds the registered lmms-eval model ``base`` exactly as ``--model <base>`` would (same class,
+same arguments, so the same prompts, chat formatting, batching and decoding), then calls ``vtprune.prune`` on the
+transformers model inside it (accelerate/DDP wrappers unwrapped). ``method=none`` leaves it unpruned, so its
+per-sample outputs are those of ``--model <base>``: a vtprune row sits next to a published lmms-eval row.
+
+Like lmms-eval, ``--model vtprune`` resolves to a chat class by default and to a simple class under
+``--force_simple``; the base resolves the same way, and when it has only a simple class (``qwen2_vl``,
+``vtprune_hf``) the run is a simple one, as ``--model <base>`` would be. Multiple-choice (log-likelihood) tasks need
+a simple base with ``loglikelihood``: ``llava_hf`` under ``--force_simple``, or ``vtprune_hf`` (any family).
+
+On a CPU-only machine add ``--multi_gpu`` to ``accelerate launch`` (without it accelerate silently starts one
+process; with it, torchrun-style processes and a gloo group) and set ``OMP_NUM_THREADS``; ``examples/lmms_eval_run.sh``
+has both commands.
 
 Registration: lmms-eval 0.7.x resolves ``--model`` names through its ``ModelRegistryV2``, which reads the
-``lmms_eval.models`` entry-point group; vtprune's ``pyproject.toml`` points it at :func:`lmms_manifests`. (The old
-``@register_model`` decorator fills a dict the 0.7 CLI never consults.)
+``lmms_eval.models`` entry-point group; vtprune's ``pyproject.toml`` points it at :func:`lmms_manifests`.
 
 ``--model_args`` (comma separated; a value may be JSON):
 
-* ``pretrained``: a local directory or hub id, loaded with ``AutoModelForImageTextToText`` + ``AutoProcessor``.
-* ``method``: a vtprune method (``vtprune.list_methods()``) or ``none`` (the same model, unpruned, through the same
-  code path: the baseline of a sweep; ``keep``/``keep_ratio``/``positions``/``seed`` are then accepted and ignored,
-  so one sweep template serves every method). Required.
-* ``keep`` / ``keep_ratio`` / ``positions`` / ``seed`` and selector options: as in ``vtprune.prune``.
-* ``stages``: a whole stage list as JSON (``stages=[{"method":"divprune","keep":64}]``) instead of ``method``/``keep``.
-* ``batch_size`` (wins over ``--batch_size``), ``device`` (default ``cuda`` if available, else ``cpu``; one device
-  per process under ``accelerate launch``), ``device_map``, ``dtype`` (``auto``, ``float32``, ``bfloat16``, ...),
-  ``attn_implementation``, ``max_new_tokens`` (default when a task gives none), ``use_chat_template`` (default true:
-  the processor's chat template when it has one), ``processor_class`` (``module:Class`` when ``AutoProcessor`` cannot
-  rebuild the processor), ``trust_remote_code``. (``max_batch_size``, which lmms-eval's CLI passes, is accepted and
-  unused.)
+* ``base``: the lmms-eval model id to wrap (``llava_hf``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``,
+  ``internvl_hf``, ``llava_onevision``, ``huggingface``, ``vtprune_hf``, ...). Default per model family:
+  :data:`DEFAULT_BASE` (``llava`` -> ``llava_hf``), else ``vtprune_hf``.
+* ``pretrained``: a local directory, a hub id, or ``vtprune:llava`` / ``vtprune:qwen2_vl`` (the shipped demo models).
+* ``method``: a vtprune method (``vtprune.list_methods()``) or ``none`` (unpruned: the sweep baseline;
+  ``keep``/``keep_ratio``/``positions``/``seed`` are then accepted and ignored, so one template serves every
+  method). Required.
+* ``keep`` / ``keep_ratio`` / ``positions`` / ``seed`` and selector options: as in ``vtprune.prune``;
+  ``stages``: a whole stage list as JSON (``stages=[{"method":"divprune","keep":64}]``) instead.
+* every other argument goes to the base class, as with ``--model <base>``. Defaults the wrapper fills in when the
+  base takes them and they are not given: ``device`` = ``cuda`` if available, else ``cpu``, and on CPU
+  ``device_map=cpu`` (lmms-eval's classes default to CUDA).
 
-Where the pruning statistics land (lmms-eval 0.7.3 has no field for model metadata in the results JSON, so vtprune
-uses the two channels it does have for models):
+Where the results land (lmms-eval 0.7.3 has no field for model metadata in the results JSON, so vtprune uses the
+channels it has for models):
 
-* results JSON, ``"throughput"``: lmms-eval's ``log_metrics`` record, written once per run by rank 0 with the
-  statistics of **all** ranks (gathered in :meth:`VTPruneLMM.clean`, which every rank calls once after its
-  requests). lmms-eval prefixes each key with ``avg_``: ``avg_vtprune_visual_tokens_before`` /
-  ``avg_vtprune_visual_tokens_after`` (visual tokens per image entering the LLM, unpruned / pruned),
-  ``avg_vtprune_visual_tokens_per_layer`` (per image, averaged over the LLM's decoder layers; equals ``after`` for
-  ``pre_llm`` pruning), ``avg_vtprune_llm_input_tokens`` (per sample), ``avg_vtprune_prefill_ms`` (mean per model
-  call: vision encoding + selection + LLM prefill, i.e. time to first token), ``avg_vtprune_images``,
-  ``avg_vtprune_samples``, ``avg_vtprune_calls``. ``"config"."model_args"`` holds the arguments verbatim.
-* samples JSONL (``--log_samples``), each generated sample's ``"token_counts"``: ``input_tokens`` (the tokens the
-  LLM actually attended, after pruning; lmms-eval sums them into the results JSON's ``"efficiency"``),
-  ``output_tokens``, and ``"vtprune"``: this sample's statistics plus the full ``PruneConfig.to_dict()``.
-* the log: rank 0 logs one ``vtprune run: {"config": ..., "stats": ...}`` line with the full config.
+* results JSON, ``"throughput"``: one ``log_metrics`` record written by rank 0 with the statistics of **all** ranks
+  (gathered in :meth:`VTPrune.clean`); lmms-eval prefixes each key with ``avg_``: ``avg_vtprune_visual_tokens_before``
+  / ``_after`` (visual tokens per image entering the LLM, unpruned / pruned), ``avg_vtprune_visual_tokens_per_layer``
+  (averaged over the LLM's decoder layers; equals ``after`` for ``pre_llm`` pruning), ``avg_vtprune_llm_input_tokens``
+  (per sample), ``avg_vtprune_prefill_ms`` (mean per model call: vision encoding + selection + LLM prefill, i.e. time
+  to first token), ``avg_vtprune_images``, ``avg_vtprune_samples``, ``avg_vtprune_calls``,
+  ``avg_vtprune_world_size`` (processes) and ``avg_vtprune_cuda`` (1 on GPU, 0 on CPU).
+* samples JSONL (``--log_samples``), every generated sample's ``"token_counts"`` -> ``"vtprune"``: the full
+  ``PruneConfig.to_dict()``, base, device and world size.
+* the log: rank 0 logs one ``vtprune run: {...}`` line with all of the above.
+
+Pre-flight: under lmms-eval's command line with ``HF_DATASETS_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``), a task whose hub
+dataset is not in the local cache is named (with its dataset) before any weights load (:func:`preflight`).
 """
 
 from __future__ import annotations
 
-import importlib
+import contextvars
+import inspect
 import json
 import os
+import sys
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,28 +74,33 @@ from loguru import logger as eval_logger
 
 import vtprune
 from vtprune.config import PruneConfig
+from vtprune.integrations import lmms_hf
+from vtprune.integrations.lmms_hf import process_ranks, resolve_pretrained
 
 MODEL_ID = "vtprune"
-CLASS_PATH = f"{__name__}.VTPruneLMM"
+CLASS_PATH = f"{__name__}.VTPrune"
+CHAT_CLASS_PATH = f"{__name__}.VTPruneChat"
 
-_GEN_PASSTHROUGH = ("top_p", "top_k", "num_beams", "repetition_penalty", "length_penalty", "min_new_tokens")
-_MODEL_ARGS = ("pretrained", "method", "keep", "keep_ratio", "positions", "seed", "stages", "batch_size", "device",
-               "device_map", "dtype", "attn_implementation", "max_new_tokens", "use_chat_template", "processor_class",
-               "trust_remote_code")
+#: lmms-eval model wrapped when ``base`` is not given, by ``model_type``; other families get ``vtprune_hf``. Only
+#: pairs verified here: lmms-eval's Qwen-VL classes import ``qwen_vl_utils``, which needs torchvision (absent on
+#: CPU-only installs), so Qwen families default to ``vtprune_hf``; pass ``base=qwen2_5_vl`` etc. where it imports.
+DEFAULT_BASE: dict[str, str] = {"llava": "llava_hf"}
+_PRUNE_ARGS = ("method", "keep", "keep_ratio", "positions", "seed", "stages")
 
 
 def lmms_manifests() -> list[Any]:
-    """Entry-point payload for lmms-eval's ``lmms_eval.models`` group: ``--model vtprune``."""
+    """Entry-point payload for lmms-eval's ``lmms_eval.models`` group: ``--model vtprune`` and ``vtprune_hf``."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH)]
+    return [ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH, chat_class_path=CHAT_CLASS_PATH),
+            ModelManifest(model_id=lmms_hf.MODEL_ID, simple_class_path=lmms_hf.CLASS_PATH)]
 
 
 @dataclass
 class PruneStats:
     """Running sums of one run's pruning statistics (summed, so ranks merge by addition)."""
 
-    calls: int = 0  # model calls with at least one counted sample (generate batches, log-likelihood batches)
+    calls: int = 0  # model calls with at least one image (generate calls, log-likelihood forwards)
     samples: int = 0
     images: int = 0
     visual_before: float = 0.0  # visual tokens of the counted images as the unpruned model lays them out
@@ -90,8 +108,6 @@ class PruneStats:
     visual_per_layer: float = 0.0  # per sample: visual tokens averaged over the LLM's decoder layers
     llm_tokens: float = 0.0  # tokens the LLM attends in prefill (text + kept visual, no padding)
     prefill_ms: float = 0.0
-    gen_seconds: float = 0.0
-    gen_tokens: int = 0
 
     def add(self, other: PruneStats) -> None:
         for f in fields(self):
@@ -114,8 +130,8 @@ class PruneStats:
 
 @dataclass
 class VTPruneTokenCounts(TokenCounts):
-    """lmms-eval's per-sample token counts plus this sample's vtprune statistics and config (``"vtprune"`` key of
-    ``token_counts`` in the samples JSONL)."""
+    """lmms-eval's per-sample token counts plus the run's vtprune facts (``"vtprune"`` key of ``token_counts`` in
+    the samples JSONL)."""
 
     vtprune: dict[str, Any] | None = None
 
@@ -151,7 +167,8 @@ def build_prune_config(method: str | None, keep: Any = None, keep_ratio: Any = N
                    + ", or none (the unpruned model)")
     if str(method).lower() == "none":
         if options:
-            raise _bad(f"unknown model_args {sorted(options)} for method=none; valid: {', '.join(_MODEL_ARGS)}")
+            raise _bad(f"unknown model_args {sorted(options)} for method=none (not vtprune's "
+                       f"{', '.join(_PRUNE_ARGS)} nor an argument of the base model)")
         return None
     d = {"method": method, "keep": keep, "keep_ratio": keep_ratio, **options}
     d = {k: v for k, v in d.items() if v is not None}
@@ -161,119 +178,186 @@ def build_prune_config(method: str | None, keep: Any = None, keep_ratio: Any = N
         raise _bad(str(e)) from None
 
 
-def _import_path(path: str) -> Any:
-    """``"package.module:attr"`` or ``"package.module.attr"`` -> the attribute."""
-    module, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
+def base_class(name: str, force_simple: bool) -> type:
+    """lmms-eval's class for ``--model <name>`` (chat preferred unless ``force_simple``, as the CLI resolves it)."""
+    from lmms_eval.models import MODEL_REGISTRY_V2
+
+    if name == MODEL_ID:
+        raise _bad("base=vtprune would wrap itself; name an lmms-eval model (e.g. llava_hf, qwen2_5_vl, vtprune_hf)")
+    if name not in MODEL_REGISTRY_V2.list_model_names():
+        known = ", ".join(MODEL_REGISTRY_V2.list_canonical_model_ids())
+        raise _bad(f"unknown base {name!r}; lmms-eval models: {known}")
+    return MODEL_REGISTRY_V2.get_model_class(name, force_simple=force_simple)
 
 
-def load_processor(pretrained: str, processor_class: str | None = None, **kw: Any) -> Any:
-    """The checkpoint's multimodal processor.
+def _init_params(cls: type) -> set[str] | None:
+    """Names ``cls.__init__`` takes; None if it takes any keyword (``**kwargs``)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return {n for n in params if n != "self"}
 
-    ``AutoProcessor`` first; when it hands back only a tokenizer (a processor class it does not know, e.g. the
-    image-only subclasses of ``vtprune.processors``), the class named in ``processor_config.json`` is looked up in
-    vtprune's image-only classes and in transformers. ``processor_class="module:Class"`` overrides both.
+
+def hf_model(lm: Any) -> torch.nn.Module:
+    """The transformers model inside an lmms-eval model object, without accelerate/DDP wrappers (``.module``)."""
+    from transformers import PreTrainedModel
+
+    for attr in ("model", "_model"):
+        m = getattr(lm, attr, None)
+        while isinstance(getattr(m, "module", None), torch.nn.Module):
+            m = m.module
+        if isinstance(m, PreTrainedModel):
+            return m
+    raise _bad(f"{type(lm).__name__} holds no transformers model in .model / ._model; vtprune cannot prune it")
+
+
+def _fix_processor(lm: Any, pretrained: str) -> None:
+    """Give a base the checkpoint's processor where ``AutoProcessor`` handed it only a tokenizer.
+
+    Qwen-VL, InternVL and other processors build a video processor that needs torchvision; checkpoints saved
+    without it (``vtprune.processors``' image-only classes, the shipped ``qwen2_vl`` demo) name a class
+    ``AutoProcessor`` does not know, and it silently returns the tokenizer, which then fails on the first image.
     """
-    from transformers import AutoProcessor, ProcessorMixin
+    from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
-    from vtprune.processors import processor_class as image_only_class
-
-    if processor_class:
-        cls = image_only_class(processor_class) or _import_path(processor_class)
-        return cls.from_pretrained(pretrained, **kw)
-    proc = AutoProcessor.from_pretrained(pretrained, **kw)
-    if isinstance(proc, ProcessorMixin):
-        return proc
-    name = None
-    cfg = os.path.join(pretrained, "processor_config.json")
-    if os.path.isfile(cfg):
-        with open(cfg, encoding="utf-8") as f:
-            name = json.load(f).get("processor_class")
-    cls = image_only_class(name) if name else None  # vtprune.processors: transformers' processors, no video part
-    if cls is not None:
-        return cls.from_pretrained(pretrained, **kw)
-    import transformers
-
-    if name and hasattr(transformers, name):
-        return getattr(transformers, name).from_pretrained(pretrained, **kw)
-    raise _bad(f"AutoProcessor.from_pretrained({pretrained!r}) returned only a {type(proc).__name__} (processor class "
-               f"{name!r} is unknown); pass processor_class=<module:Class> in model_args")
+    for attr in ("processor", "_processor", "_image_processor"):
+        cur = getattr(lm, attr, None)
+        if isinstance(cur, PreTrainedTokenizerBase) and not isinstance(cur, ProcessorMixin):
+            proc = lmms_hf.load_processor(pretrained)
+            proc.tokenizer.padding_side = cur.padding_side
+            setattr(lm, attr, proc)
 
 
-def _as_bool(v: Any) -> bool:
-    if isinstance(v, str):
-        if v.lower() in ("true", "1", "yes"):
-            return True
-        if v.lower() in ("false", "0", "no"):
-            return False
-        raise _bad(f"expected true/false, got {v!r}")
-    return bool(v)
+#: ``dataset_path`` values that name a local builder of ``datasets`` (read files named in the task), not a hub dataset
+_LOCAL_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "imagefolder", "audiofolder", "videofolder",
+                             "webdataset", "pandas", "sql", "xml", "generator"})
 
 
-def _as_int(name: str, v: Any, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, str, float)) or (isinstance(v, float) and not v.is_integer()):
-        raise _bad(f"{name} must be an int ≥ {minimum}, got {v!r}")
-    try:
-        out = int(v)
-    except ValueError:
-        raise _bad(f"{name} must be an int ≥ {minimum}, got {v!r}") from None
-    if out < minimum:
-        raise _bad(f"{name} must be an int ≥ {minimum}, got {v!r}")
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_DATASETS_OFFLINE",
+                                                                                       "HF_HUB_OFFLINE"))
+
+
+def _dataset_cached(path: str) -> bool:
+    from datasets import config as dcfg
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return (Path(dcfg.HF_DATASETS_CACHE) / path.replace("/", "___")).exists() or \
+        (Path(HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}").exists()
+
+
+def missing_datasets(tasks: list[str], include_path: str | Path | None = None) -> list[tuple[str, str]]:
+    """``(task, dataset_path)`` of every task (groups and tags expanded) whose hub dataset is not in the local cache,
+    when ``HF_DATASETS_OFFLINE`` / ``HF_HUB_OFFLINE`` is set (online, lmms-eval can download it: nothing is missing).
+    Unknown task names are left to lmms-eval's own error."""
+    if not _offline():
+        return []
+    from lmms_eval import utils
+    from lmms_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(include_path) if include_path else None)
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    todo = list(tasks)
+    while todo:
+        name = todo.pop(0)
+        entry = tm.task_index.get(name)
+        if name in seen or entry is None:
+            continue
+        seen.add(name)
+        if entry.get("type") in ("group", "tag") or entry.get("yaml_path", -1) == -1:
+            todo += [t for t in entry.get("task", []) if isinstance(t, str)]
+            continue
+        cfg = utils.load_yaml_config(entry["yaml_path"], mode="simple")
+        path = cfg.get("dataset_path")
+        if not path or path in _LOCAL_BUILDERS or Path(str(path)).exists():
+            continue
+        if not _dataset_cached(str(path)):
+            out.append((name, str(path)))
     return out
 
 
-class VTPruneLMM(lmms):
-    """lmms-eval simple model: a Hugging Face VLM pruned with vtprune (or run unpruned with ``method=none``)."""
+def preflight(tasks: list[str], include_path: str | Path | None = None) -> None:
+    """Raise a ``ValueError`` naming every task whose dataset an offline run cannot load (see
+    :func:`missing_datasets`), before any model weights are loaded."""
+    missing = missing_datasets(tasks, include_path)
+    if missing:
+        from datasets import config as dcfg
+
+        rows = "; ".join(f"task {t!r} needs dataset {d!r}" for t, d in missing)
+        raise _bad(f"offline run (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set) and not in the local cache "
+                   f"({dcfg.HF_DATASETS_CACHE}): {rows}. Download it once online (or point HF_HOME at a cache that "
+                   "has it), or unset the offline variables")
+
+
+def _cli_option(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _preflight_from_command_line() -> None:
+    # lmms-eval builds the model before it loads any task, and hands the model no task names: under its command line
+    # (`lmms_eval ... --tasks ...`) they are read from argv, so a missing dataset is named before weights load
+    tasks = _cli_option(sys.argv, "--tasks")
+    if tasks:
+        preflight([t for t in tasks.split(",") if t], _cli_option(sys.argv, "--include_path"))
+
+
+@dataclass
+class _Call:
+    """One model call being timed (held in a context variable, never on the model or the wrapper)."""
+
+    t0: float
+    kind: str  # "generate" or "forward"
+    ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    before: Any = None  # vtprune's report before this call (a fresh one afterwards means this call was pruned)
+    prefill_ms: float | None = None
+    token: contextvars.Token | None = None
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("vtprune_lmms_call", default=None)
+
+
+class VTPrune(lmms):
+    """lmms-eval model wrapping lmms-eval's own class ``base``; its transformers model pruned by vtprune."""
 
     is_simple = True
 
-    def __init__(self, pretrained: str, method: str | None = None, keep: Any = None, keep_ratio: Any = None,
-                 positions: str = "preserve", seed: Any = 0, stages: Any = None, batch_size: Any = 1,
-                 device: str | None = None, device_map: str | None = None, dtype: str = "auto",
-                 attn_implementation: str | None = None, max_new_tokens: Any = 256, use_chat_template: Any = True,
-                 processor_class: str | None = None, trust_remote_code: Any = False, max_batch_size: Any = None,
-                 **options: Any) -> None:
+    def __init__(self, pretrained: str, base: str | None = None, method: str | None = None, keep: Any = None,
+                 keep_ratio: Any = None, positions: str = "preserve", seed: Any = 0, stages: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__()
-        from accelerate import Accelerator
-        from transformers import AutoConfig, AutoModelForImageTextToText
+        from transformers import AutoConfig
 
+        _preflight_from_command_line()
+        pretrained = resolve_pretrained(pretrained)
+        model_type = AutoConfig.from_pretrained(pretrained).model_type
+        self.base_name = base or DEFAULT_BASE.get(model_type, lmms_hf.MODEL_ID)
+        cls = base_class(self.base_name, force_simple=self.is_simple)
+        accepted = _init_params(cls)
+        base_kw = {k: v for k, v in kwargs.items() if accepted is None or k in accepted}
+        options = {k: v for k, v in kwargs.items() if k not in base_kw}
         # everything that can be wrong with the arguments fails here, before any weights load
         self.prune_config = build_prune_config(method, keep, keep_ratio, positions, seed, stages, **options)
-        self.batch_size_per_gpu = _as_int("batch_size", batch_size)
-        self.max_new_tokens = _as_int("max_new_tokens", max_new_tokens)
-        self.use_chat_template = _as_bool(use_chat_template)
-        remote = _as_bool(trust_remote_code)
-        hf_config = AutoConfig.from_pretrained(pretrained, trust_remote_code=remote)
-        self.model_type: str = hf_config.model_type
         if self.prune_config is not None:
             from vtprune.registry import get_adapter_class
 
             try:
-                get_adapter_class(self.model_type)  # the library's own "unsupported model family" error, early
+                get_adapter_class(model_type)  # the library's own "unsupported model family" error, early
             except ValueError as e:
                 raise _bad(f"{pretrained}: {e}") from None
-
-        self.accelerator = Accelerator()
-        self._rank, self._world_size, local_rank = self._ranks()
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self._world_size > 1 and str(device).startswith("cuda") and device_map is None:
-            device = f"cuda:{local_rank}"  # data parallel: one replica per process
-        torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, str(dtype), None)
-        if not (torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype)):
-            raise _bad(f"dtype must be auto or a torch dtype name (float32, bfloat16, float16), got {dtype!r}")
-        load_kw: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": remote}
-        if attn_implementation:
-            load_kw["attn_implementation"] = attn_implementation
-        if device_map:
-            load_kw["device_map"] = device_map
-        model = AutoModelForImageTextToText.from_pretrained(pretrained, **load_kw).eval()
-        if not device_map:
-            model.to(device)
-        self._device = model.device if device_map else torch.device(device)
-        self.processor = load_processor(pretrained, processor_class, trust_remote_code=remote)
-        self._tokenizer = self.processor.tokenizer
-        self._tokenizer.padding_side = "left"  # batched generation appends after the prompt
+        for k, v in self._device_defaults(base_kw).items():
+            if accepted is None or k in accepted:
+                base_kw.setdefault(k, v)
+        self._base = cls(pretrained=pretrained, **base_kw)
+        self.is_simple = self._base.is_simple  # a simple-only base makes a simple run, as --model <base> would
+        _fix_processor(self._base, pretrained)
+        model = hf_model(self._base)
         if self.prune_config is not None:
             try:  # model-dependent checks (e.g. a stage layer past the last decoder layer) happen here
                 vtprune.prune(model, self.prune_config)
@@ -281,28 +365,36 @@ class VTPruneLMM(lmms):
                 raise _bad(f"{pretrained}: {e}") from None
         self._model = model
         self.pretrained = pretrained
+        self.model_type = model_type
         self.stats = PruneStats()
         self.last_summary: dict[str, float] | None = None
-        self._t0: float | None = None
-        self._prefill_ms: float | None = None
-        model.register_forward_hook(self._first_forward_done)
-        eval_logger.info(f"vtprune: {pretrained} ({self.model_type}) config={json.dumps(self.config_dict)} "
-                         f"rank {self._rank}/{self._world_size} on {self._device}")
+        self._rank, self._world_size, _ = process_ranks(self._accelerator())
+        self._handles = [model.register_forward_pre_hook(self._forward_starts, with_kwargs=True),
+                         model.register_forward_hook(self._forward_ends, always_call=True)]
+        self._had_generate = "generate" in vars(model)
+        self._saved_generate = model.generate
+        model.generate = self._timed_generate  # instance attribute: removed again in clean()
+        eval_logger.info(f"vtprune: {pretrained} ({model_type}) base={self.base_name} "
+                         f"config={json.dumps(self.config_dict)} rank {self._rank}/{self._world_size} on {self.device}")
 
-    def _ranks(self) -> tuple[int, int, int]:
-        """(rank, world size, local rank). On CPU, ``accelerate launch --multi_gpu`` starts the processes the way
-        torchrun does and a gloo process group exists, yet ``Accelerator`` reports a single process; the process
-        group (what lmms-eval's evaluator uses to shard and gather) is the authority when there is one."""
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            rank, world = dist.get_rank(), dist.get_world_size()
-        else:
-            rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        return rank, world, int(os.environ.get("LOCAL_RANK", self.accelerator.local_process_index))
+    @staticmethod
+    def _device_defaults(given: dict[str, Any]) -> dict[str, Any]:
+        device = given.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        out = {"device": device}
+        if str(device) == "cpu":
+            out["device_map"] = "cpu"  # lmms-eval's HF classes default device_map to CUDA (or "", which fails)
+        return out
 
-    # ---- lmms-eval plumbing ------------------------------------------------------------------------------------
+    def _accelerator(self) -> Any:
+        acc = getattr(self._base, "accelerator", None)
+        if acc is None:
+            from accelerate import Accelerator
+
+            acc = Accelerator()
+        return acc
+
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> VTPruneLMM:
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> VTPrune:
         """As lmms-eval's, but ``--model_args`` win over the CLI's ``--batch_size`` / ``--device`` (lmms-eval's
         default would pass both and fail with a duplicate keyword)."""
         from lmms_eval import utils
@@ -313,10 +405,28 @@ class VTPruneLMM(lmms):
                 args[k] = v
         return cls(**args)
 
+    # ---- delegation --------------------------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes the wrapper lacks (accelerator, processor, chat_template, ...): the base's
+        if name.startswith("__") or "_base" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["_base"], name)
+
     @property
-    def config_dict(self) -> dict[str, Any]:
-        """The full pruning config of this run (``{"method": "none"}`` unpruned)."""
-        return self.prune_config.to_dict() if self.prune_config is not None else {"method": "none"}
+    def task_dict(self) -> dict:
+        return self._base.task_dict if "_base" in self.__dict__ else self.__dict__.get("_task_dict", {})
+
+    @task_dict.setter
+    def task_dict(self, value: dict) -> None:
+        if "_base" in self.__dict__:
+            self._base.task_dict = value
+        else:
+            self.__dict__["_task_dict"] = value
+
+    @property
+    def base(self) -> lmms:
+        """The wrapped lmms-eval model object."""
+        return self._base
 
     @property
     def model(self) -> torch.nn.Module:
@@ -324,88 +434,98 @@ class VTPruneLMM(lmms):
 
     @property
     def tokenizer(self) -> Any:
-        return self._tokenizer
+        return self._base.tokenizer
 
     @property
-    def batch_size(self) -> int:
-        return self.batch_size_per_gpu
+    def batch_size(self) -> Any:
+        return self._base.batch_size
 
     @property
     def device(self) -> torch.device:
-        return self._device
+        return next(self._model.parameters()).device
 
     @property
-    def rank(self) -> int:
-        return self._rank
+    def config_dict(self) -> dict[str, Any]:
+        """The full pruning config of this run (``{"method": "none"}`` unpruned)."""
+        return self.prune_config.to_dict() if self.prune_config is not None else {"method": "none"}
 
-    @property
-    def world_size(self) -> int:
-        return self._world_size
+    def run_info(self) -> dict[str, Any]:
+        """What a results reader needs to know about this run besides the metric."""
+        return {"config": self.config_dict, "base": self.base_name, "model": self.pretrained,
+                "device": str(self.device), "world_size": self.world_size}
 
-    # ---- prompts and inputs --------------------------------------------------------------------------------------
-    def prompt(self, context: str, n_images: int) -> str:
-        """The model-facing prompt: the processor's chat template when it has one, else the family's plain layout
-        with the processor's image placeholder. A context that already holds placeholders gets no extra ones."""
-        family = vtprune.registry.get_adapter_class(self.model_type)  # its plain prompt layout and placeholder
-        placeholder, template = family.placeholder, family.prompt
-        proc_token = getattr(self.processor, "image_token", None) or placeholder
-        if placeholder in context or proc_token in context:
-            n_images = 0
-        if self.use_chat_template and getattr(self.processor, "chat_template", None):
-            content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
-            return self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True, tokenize=False)
-        return template.format(img=" ".join([placeholder] * n_images), q=context)
+    def _wrap(self, results: list[Any]) -> list[Any]:
+        info = self.run_info()
+        out = []
+        for r in results:
+            if isinstance(r, GenerationResult):
+                tc = r.token_counts.to_dict() if r.token_counts is not None else {}
+                out.append(GenerationResult(text=r.text, token_counts=VTPruneTokenCounts(**tc, vtprune=info)))
+            elif isinstance(r, str):
+                out.append(GenerationResult(text=r, token_counts=VTPruneTokenCounts(vtprune=info)))
+            else:
+                out.append(r)
+        return out
 
-    def _visuals(self, inst: Instance) -> list[Any]:
-        args = inst.args
-        doc_to_visual, doc_id, task, split = args[2], args[3], args[4], args[5]
-        vis = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
-        vis = [v for v in (vis or []) if v is not None]
-        for v in vis:
-            if not hasattr(v, "convert"):
-                raise _bad(f"only image inputs are supported (task {task!r} gave a {type(v).__name__}: video/audio "
-                           "are not pruned by vtprune yet)")
-        return [v.convert("RGB") for v in vis]
+    def generate_until(self, requests: list[Instance]) -> list[Any]:
+        return self._wrap(self._base.generate_until(requests))
 
-    def _inputs(self, texts: list[str], images: list[list[Any]]) -> Any:
-        flat = [im for row in images for im in row]
-        kw: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
-        if flat:
-            kw["images"] = flat
-        inputs = self.processor(**kw)
-        inputs = inputs.to(self.device)
-        dt = self.model.dtype
-        for k, v in inputs.items():
-            if torch.is_tensor(v) and v.is_floating_point():
-                inputs[k] = v.to(dt)
-        return inputs
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        return self._base.loglikelihood(requests)
 
-    # ---- timing and statistics -----------------------------------------------------------------------------------
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[Any]:
+        return self._wrap(self._base.generate_until_multi_round(requests))
+
+    # ---- statistics: the model's generate and forward, timed and counted -------------------------------------------
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _first_forward_done(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        # the first forward of a timed call is the prefill; its end marks the time to first token
-        if self._t0 is not None and self._prefill_ms is None:
-            self._sync()
-            self._prefill_ms = (time.perf_counter() - self._t0) * 1e3
+    def _report(self) -> Any:
+        return vtprune.last_report(self._model) if self.prune_config is not None else None
 
-    def _start(self) -> Any:
+    def _timed_generate(self, *args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
         self._sync()
-        self._prefill_ms = None
-        self._t0 = time.perf_counter()
-        return vtprune.last_report(self.model) if self.prune_config is not None else None
+        call = _Call(time.perf_counter(), "generate", ids, kwargs.get("attention_mask"), self._report())
+        token = _CALL.set(call)
+        try:
+            out = self._saved_generate(*args, **kwargs)
+        finally:
+            _CALL.reset(token)
+        self._sync()
+        self._record(call, call.prefill_ms or (time.perf_counter() - call.t0) * 1e3)
+        return out
 
-    def _per_sample(self, inputs: Any, n_images: list[int], before_report: Any) -> list[dict[str, Any]]:
-        """This call's statistics per sample: from the vtprune report when this call was pruned, else counted from
-        the unpruned prompt (method=none, or a call without images)."""
-        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        rep = vtprune.last_report(self.model) if self.prune_config is not None else None
-        out = []
-        if rep is not None and rep is not before_report:  # a fresh report: this call was pruned
+    def _forward_starts(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if _CALL.get() is not None:
+            return  # a step of a generate call, or a nested forward
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._sync()
+        call = _Call(time.perf_counter(), "forward", ids, kwargs.get("attention_mask"), self._report())
+        call.token = _CALL.set(call)
+
+    def _forward_ends(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        call = _CALL.get()
+        if call is None:
+            return
+        if call.prefill_ms is None:  # the first forward of a call is its prefill: its end is the first token
+            self._sync()
+            call.prefill_ms = (time.perf_counter() - call.t0) * 1e3
+        if call.kind == "forward" and call.token is not None:
+            _CALL.reset(call.token)
+            self._record(call, call.prefill_ms)
+
+    def _record(self, call: _Call, prefill_ms: float) -> None:
+        """Add one call's per-sample statistics: from vtprune's report when the call was pruned, else counted in the
+        unpruned prompt (method=none, a call without images, a budget above the image's tokens)."""
+        ids = call.ids
+        if not torch.is_tensor(ids) or ids.dim() != 2:
+            return
+        mask = torch.ones_like(ids, dtype=torch.bool) if call.mask is None else call.mask.bool()
+        rep = self._report()
+        s = PruneStats()
+        if rep is not None and rep is not call.before:
             layer_avg = list(getattr(rep, "avg_visual_per_layer", None) or [])
             # with several stages an image has one entry per stage: it enters with the most tokens and leaves the
             # language model with the fewest
@@ -416,195 +536,30 @@ class VTPruneLMM(lmms):
             for b in range(ids.shape[0]):
                 imgs = [v for (smp, _), v in per_image.items() if smp == b]
                 after = sum(a for _, a in imgs)
-                out.append({"images": len(imgs), "visual_tokens_before": sum(bf for bf, _ in imgs),
-                            "visual_tokens_after": after,
-                            "visual_tokens_per_layer": float(layer_avg[b]) if b < len(layer_avg) else float(after),
-                            "llm_input_tokens": int(rep.tokens_after[b]) if b < len(rep.tokens_after) else None})
-            return out
-        tok_id = getattr(self.model.config, "image_token_id", None)
-        if tok_id is None:
-            tok_id = getattr(self.model.config, "image_token_index", -1)
-        counts = ((ids == tok_id) & mask).sum(1).tolist()
-        for b in range(ids.shape[0]):
-            out.append({"images": n_images[b], "visual_tokens_before": counts[b], "visual_tokens_after": counts[b],
-                        "visual_tokens_per_layer": float(counts[b]), "llm_input_tokens": int(mask[b].sum())})
-        return out
-
-    def _record(self, rows: list[dict[str, Any]], counted: list[bool], prefill_ms: float, gen_s: float = 0.0,
-                gen_tokens: int = 0) -> None:
-        if not any(counted):
-            return  # only padding requests (added by lmms-eval to even out ranks)
-        s = self.stats
-        s.calls += 1
-        s.prefill_ms += prefill_ms
-        s.gen_seconds += gen_s
-        s.gen_tokens += gen_tokens
-        for r, c in zip(rows, counted):
-            if c:
                 s.samples += 1
-                s.images += r["images"]
-                s.visual_before += r["visual_tokens_before"]
-                s.visual_after += r["visual_tokens_after"]
-                s.visual_per_layer += r["visual_tokens_per_layer"]
-                s.llm_tokens += r["llm_input_tokens"] or 0
-
-    @staticmethod
-    def _counted(inst: Instance) -> bool:
-        return not (inst.metadata or {}).get("__padding_only__", False)
-
-    # ---- batching --------------------------------------------------------------------------------------------------
-    def _batches(self, requests: list[Instance], key: Callable[[Instance], str]) -> Iterable[list[int]]:
-        """Indices in batches of ``batch_size`` with equal ``key``; longest contexts first (padding and memory peaks
-        are met early, as lmms-eval's own models do)."""
-        order = sorted(range(len(requests)), key=lambda i: (key(requests[i]), -len(requests[i].args[0]), i))
-        batch: list[int] = []
-        for i in order:
-            if batch and (len(batch) == self.batch_size or key(requests[batch[0]]) != key(requests[i])):
-                yield batch
-                batch = []
-            batch.append(i)
-        if batch:
-            yield batch
-
-    # ---- requests ----------------------------------------------------------------------------------------------------
-    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
-        """Batched generation (left padding); honours ``until``, ``max_new_tokens`` and ``temperature`` (0 = greedy)."""
-        from tqdm import tqdm
-
-        def gen_key(inst: Instance) -> str:
-            return json.dumps(inst.args[1], sort_keys=True, default=str)
-
-        results: list[GenerationResult | None] = [None] * len(requests)
-        pbar = tqdm(total=len(requests), disable=self.rank != 0, desc="vtprune generate")
-        for idx in self._batches(requests, gen_key):
-            insts = [requests[i] for i in idx]
-            gen_kwargs = dict(insts[0].args[1] or {})
-            until = gen_kwargs.pop("until", None)
-            until = [until] if isinstance(until, str) else list(until or [])
-            images = [self._visuals(r) for r in insts]
-            texts = [self.prompt(r.args[0], len(im)) for r, im in zip(insts, images)]
-            inputs = self._inputs(texts, images)
-            kw = self._generation_kwargs(gen_kwargs)
-            before = self._start()
-            with torch.no_grad():
-                out = self.model.generate(**inputs, **kw)
-            self._sync()
-            gen_s = time.perf_counter() - self._t0
-            prefill_ms, self._t0 = self._prefill_ms or gen_s * 1e3, None
-            rows = self._per_sample(inputs, [len(im) for im in images], before)
-            new = out[:, inputs["input_ids"].shape[1]:]
-            n_new = self._generated_lengths(new)
-            self._record(rows, [self._counted(r) for r in insts], prefill_ms, gen_s, sum(n_new))
-            for j, (i, r) in enumerate(zip(idx, insts)):
-                text = self.tokenizer.decode(new[j], skip_special_tokens=True)
-                for stop in until:
-                    if stop:
-                        text = text.split(stop)[0]
-                stats = {**rows[j], "prefill_ms": prefill_ms, "batch_size": len(insts), "config": self.config_dict}
-                results[i] = GenerationResult(text=text, token_counts=VTPruneTokenCounts(
-                    input_tokens=rows[j]["llm_input_tokens"], output_tokens=n_new[j], vtprune=stats))
-                self.cache_hook.add_partial("generate_until", (r.args[0], r.args[1]), text)
-            pbar.update(len(insts))
-        pbar.close()
-        return results  # type: ignore[return-value]
-
-    def _generation_kwargs(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
-        temperature = gen_kwargs.get("temperature")
-        sample = bool(gen_kwargs.get("do_sample", False)) if temperature is None else float(temperature) > 0
-        kw: dict[str, Any] = {"max_new_tokens": int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
-                              "do_sample": sample}
-        if sample and temperature is not None:
-            kw["temperature"] = float(temperature)
-        for k in _GEN_PASSTHROUGH:
-            if gen_kwargs.get(k) is not None and (sample or k not in ("top_p", "top_k")):
-                kw[k] = gen_kwargs[k]
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        if pad is not None:
-            kw["pad_token_id"] = pad
-        return kw
-
-    def _generated_lengths(self, new: torch.Tensor) -> list[int]:
-        """New tokens per row up to and including the first end-of-sequence token."""
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos] if eos is not None else [], device=new.device)
-        out = []
-        for row in new:
-            hit = torch.isin(row, eos_ids).nonzero()
-            out.append(int(hit[0]) + 1 if hit.numel() else int(row.numel()))
-        return out
-
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """Per request ``(loss, is_greedy)``: the continuation's mean negative log-likelihood per token given
-        context + images, and whether greedy decoding would produce it.
-
-        The sign and scale are lmms-eval 0.7's convention, not its docstring's: its HF models return the language
-        modelling loss, and its multiple-choice scorer takes the ``argmin`` (a summed log-probability would make it
-        pick the least likely choice). The sum is ``-loss * n_tokens``. The pruned forward returns logits over the
-        pruned sequence; the continuation is that sequence's unchanged text tail, which the report's ``token_map``
-        confirms.
-        """
-        from tqdm import tqdm
-
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
-        pbar = tqdm(total=len(requests), disable=self.rank != 0, desc="vtprune loglikelihood")
-        for idx in self._batches(requests, lambda r: ""):
-            insts = [requests[i] for i in idx]
-            if any(len(r.args) < 6 for r in insts):
-                raise _bad("log-likelihood requests without a visual (e.g. acc_mutual_info's unconditional "
-                           "requests) are not supported")
-            images = [self._visuals(r) for r in insts]
-            prompts, fulls, n_cont = [], [], []
-            for r, im in zip(insts, images):
-                ctx, target, _, doc_id, task, split = r.args[:6]
-                cont = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
-                p = self.prompt(ctx, len(im))
-                prompts.append(p)
-                fulls.append(p + str(cont))
-            for p, f in zip(prompts, fulls):
-                n = len(self.tokenizer(f)["input_ids"]) - len(self.tokenizer(p)["input_ids"])
-                if n < 1:
-                    raise _bad(f"continuation of {f!r} tokenises to no tokens after its context")
-                n_cont.append(n)
-            inputs = self._inputs(fulls, images)
-            keep = max(n_cont) + 1
-            before = self._start()
-            with torch.no_grad():
-                logits = self.model(**inputs, logits_to_keep=keep).logits[:, -keep:].float()
-            self._sync()
-            prefill_ms, self._t0 = (time.perf_counter() - self._t0) * 1e3, None
-            rows = self._per_sample(inputs, [len(im) for im in images], before)
-            self._check_tail(inputs, keep, before)
-            self._record(rows, [self._counted(r) for r in insts], prefill_ms)
-            ids = inputs["input_ids"]
-            logp = torch.log_softmax(logits, dim=-1)
-            for j, (i, n) in enumerate(zip(idx, n_cont)):
-                target = ids[j, -n:]
-                lp = logp[j, -n - 1:-1]
-                nll = -lp.gather(-1, target[:, None]).mean()
-                greedy = bool((lp.argmax(-1) == target).all())
-                results[i] = (float(nll), greedy)
-            pbar.update(len(insts))
-        pbar.close()
-        return results  # type: ignore[return-value]
-
-    def _check_tail(self, inputs: Any, keep: int, before_report: Any) -> None:
-        """The last ``keep`` positions of the pruned sequence must be the last ``keep`` of the caller's sequence."""
-        if self.prune_config is None:
-            return
-        rep = vtprune.last_report(self.model)
-        if rep is None or rep is before_report or rep.token_map is None:
-            return
-        length = inputs["input_ids"].shape[1]
-        want = torch.arange(length - keep, length, device=rep.token_map.device)
-        if not (rep.token_map[:, -keep:] == want).all():
-            raise RuntimeError("vtprune: the pruned sequence's tail is not the prompt's text tail; log-likelihoods "
-                               "would be misaligned (token_map " f"{rep.token_map[:, -keep:].tolist()})")
-
-    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError("the vtprune lmms-eval model does not implement multi-round generation")
+                s.images += len(imgs)
+                s.visual_before += sum(bf for bf, _ in imgs)
+                s.visual_after += after
+                s.visual_per_layer += float(layer_avg[b]) if b < len(layer_avg) else float(after)
+                s.llm_tokens += int(rep.tokens_after[b]) if b < len(rep.tokens_after) else 0
+        else:
+            cfg = self._model.config
+            tok_id = getattr(cfg, "image_token_id", None)
+            if tok_id is None:
+                tok_id = getattr(cfg, "image_token_index", -1)
+            is_img = (ids == tok_id) & mask.to(ids.device)
+            # one image = one run of placeholder tokens (each family lays an image out as one contiguous run)
+            starts = is_img & ~torch.nn.functional.pad(is_img[:, :-1], (1, 0), value=False)
+            s.samples = ids.shape[0]
+            s.images = int(starts.sum())
+            n_vis = float(is_img.sum())
+            s.visual_before = s.visual_after = s.visual_per_layer = n_vis
+            s.llm_tokens = float(mask.sum())
+        if s.images == 0:
+            return  # text-only calls say nothing about pruning
+        s.calls = 1
+        s.prefill_ms = prefill_ms
+        self.stats.add(s)
 
     # ---- end of run --------------------------------------------------------------------------------------------------
     def gathered_stats(self) -> PruneStats:
@@ -619,18 +574,35 @@ class VTPruneLMM(lmms):
                 total.add(PruneStats(**p))
         return total
 
+    def _restore(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._had_generate:
+            self._model.generate = self._saved_generate
+        else:
+            vars(self._model).pop("generate", None)
+
     def clean(self) -> None:
         """Called by lmms-eval on every rank once all requests are answered: merge the ranks' statistics, log them
-        into the results (rank 0), then free the model as lmms-eval's own models do."""
+        into the results (rank 0), restore the model's generate, then let the base free the model."""
         total = self.gathered_stats()
-        self.last_summary = total.summary()
+        self.last_summary = {**total.summary(), "vtprune_world_size": float(self.world_size),
+                             "vtprune_cuda": float(self.device.type == "cuda")}
         if self.rank == 0 and total.calls:
             from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-            speed = total.gen_tokens / total.gen_seconds if total.gen_seconds else 0.0
-            log_metrics(total_elapsed_time=total.gen_seconds, total_gen_tokens=total.gen_tokens, avg_speed=speed,
+            # zero time and tokens: the base logs its own; these keys only add vtprune's
+            log_metrics(total_elapsed_time=0.0, total_gen_tokens=0, avg_speed=0.0,
                         additional_metrics=self.last_summary)
-            eval_logger.info("vtprune run: " + json.dumps({"config": self.config_dict, "model": self.pretrained,
-                                                           "stats": self.last_summary}))
+            eval_logger.info("vtprune run: " + json.dumps({**self.run_info(), "stats": self.last_summary}))
         self.stats = PruneStats()
-        super().clean()
+        self._restore()
+        if hasattr(self._base, "clean"):
+            self._base.clean()
+
+
+class VTPruneChat(VTPrune):
+    """The chat-class entry of ``--model vtprune`` (lmms-eval's default; ``--force_simple`` picks :class:`VTPrune`)."""
+
+    is_simple = False

@@ -1,44 +1,49 @@
-"""Document hooks of the vtprune_synth tasks (lmms-eval ``!function utils.<name>``).
-
-Images are opened relative to this file, so the task works from any working directory and without network.
-"""
+"""Document hooks of the vtprune_synth tasks (lmms-eval ``!function utils.<name>``); see make_data.py."""
 
 from __future__ import annotations
 
 import ast
-import re
-from pathlib import Path
+from functools import partial
+from typing import Any
 
 from PIL import Image
 
-HERE = Path(__file__).resolve().parent
-PROMPT_SUFFIX = " Answer with one word."
+from vtprune import synth as S
+from vtprune.demo_models import parse_answer
 
 
-def doc_to_visual(doc: dict) -> list[Image.Image]:
-    """The row's picture as a list of RGB PIL images (lmms-eval's simple-model contract)."""
-    with Image.open(HERE / doc["image"]) as img:
-        return [img.convert("RGB")]
+def _visual(size: int, doc: dict) -> list[Image.Image]:
+    # the picture evals/bench_accuracy.py gives the model: item `index` of the held-out split (seed 0) at `size` px
+    return [S.item("heldout", int(doc["index"]), seed=0, size=size).image]
+
+
+doc_to_visual_224 = partial(_visual, 224)
+doc_to_visual_448 = partial(_visual, 448)
+
+
+def _only(qtype: str, dataset: Any) -> Any:
+    return dataset.filter(lambda d: d["qtype"] == qtype)
+
+
+only_attribute = partial(_only, "attribute")
+only_existence = partial(_only, "existence")
+only_counting = partial(_only, "counting")
+only_location = partial(_only, "location")
+only_detail = partial(_only, "detail")
 
 
 def doc_to_text(doc: dict) -> str:
-    """The question; the model adds the image placeholder and its own prompt template."""
-    return doc["question"] + PROMPT_SUFFIX
+    """The bare question, as the demo models were trained on it; the model's chat template adds the rest."""
+    return doc["question"]
 
 
 def doc_to_choice(doc: dict) -> list[str]:
-    """Four candidate answers for the multiple-choice (log-likelihood) variant."""
     return list(doc["choices"])
 
 
-def _first_word(text: str) -> str:
-    words = re.findall(r"[a-z]+", text.lower())
-    return words[0] if words else ""
-
-
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    """Exact match of the first word of the generated answer (case and punctuation ignored)."""
-    return {"acc": float(_first_word(results[0]) == doc["answer"])}
+    """The benchmark's scoring: first word, lower case, no punctuation, digits for number words."""
+    return {"acc": float(parse_answer(results[0]) == doc["answer"])}
 
 
 def _loss(resp: object) -> float:
