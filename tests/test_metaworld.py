@@ -37,6 +37,28 @@ def test_same_seed_same_episode_other_seed_other_layout(task):
     assert s1[0].shape == (mw.STATE_DIM,) and s1[0].dtype == np.float32
 
 
+@pytest.mark.parametrize("task", list(mw.TASKS))
+def test_a_reseeded_instance_gives_the_episode_a_new_one_gives(task):
+    """``rollout`` reuses a slot's environment for the next seed of the same task: frames and states after a reseed
+    (and a different episode before it) equal a fresh instance's, bit for bit."""
+    actions = np.random.default_rng(1).uniform(-1, 1, (4, mw.ACTION_DIM)).astype(np.float32)
+    fresh_f, fresh_s = _run(task, 9, actions)
+    env = mw.MetaWorldTask(task, 3, size=SIZE)
+    env.reset()
+    for a in actions[::-1]:
+        env.step(a)
+    obs = env.reset(seed=9)
+    frames, states = [np.stack(obs.images)], [obs.state]
+    for a in actions:
+        obs, _ = env.step(a)
+        frames.append(np.stack(obs.images))
+        states.append(obs.state)
+    env.close()
+    assert env.seed == 9
+    assert all(np.array_equal(a, b) for a, b in zip(frames, fresh_f))
+    assert all(np.array_equal(a, b) for a, b in zip(states, fresh_s))
+
+
 def test_the_policy_sees_no_goal_or_object_coordinates():
     for task in mw.TASKS:
         env = mw.MetaWorldTask(task, 3, size=SIZE)
