@@ -18,6 +18,7 @@ import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -310,7 +311,7 @@ def test_clean_logs_statistics_and_restores_the_model(ckpts):
 
 
 # ---- method=none is lmms-eval's own class, sample for sample --------------------------------------------------------
-def _evaluate(model: str, model_args: str, tasks: list[str], limit: int, force_simple: bool = False) -> dict:
+def _evaluate(model: Any, model_args: str, tasks: list[str], limit: int, force_simple: bool = False) -> dict:
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
@@ -442,3 +443,41 @@ def test_cli_offline_missing_dataset_is_named_before_the_model_loads(runs):
             and "not in the local cache" in run.log), run.log[-3000:]
     assert "Loading weights" not in run.log and "vtprune: " not in run.log.replace("vtprune lmms-eval model:", "")
     assert not glob.glob(str(run.out / "**" / "*_results.json"), recursive=True)
+
+
+def _images_only_process_vision_info(messages: list, **kw) -> tuple:
+    """Stand-in for ``qwen_vl_utils.process_vision_info`` (which imports torchvision, absent here): the PIL images of
+    the messages in order, no video. Both runs of the Qwen test below use it, so it cannot make them differ."""
+    images = [c["image"] for conv in messages for m in conv if isinstance(m.get("content"), list)
+              for c in m["content"] if c.get("type") == "image"]
+    out = (images or None, None)
+    return (*out, {}) if kw.get("return_video_kwargs") else out
+
+
+def test_method_none_equals_lmms_eval_qwen2_5_vl(monkeypatch, tmp_path):
+    """``--model vtprune --model_args base=qwen2_5_vl,method=none`` == lmms-eval's own ``qwen2_5_vl`` chat class,
+    sample for sample, on a tiny Qwen2.5-VL. The reference gets the checkpoint's processor (``AutoProcessor`` cannot
+    build a Qwen processor without torchvision; the wrapper does the same fix-up) and both get an images-only
+    ``process_vision_info``."""
+    import lmms_eval.models.chat.qwen2_5_vl as chat_qwen
+    from lmms_eval.models import get_model
+
+    from vtprune.integrations.lmms_eval import _fix_processor
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(chat_qwen, "process_vision_info", _images_only_process_vision_info)
+    model, proc = tiny_qwen2_vl("qwen2_5_vl")
+    # lmms-eval's Qwen classes need a chat template; the demo Qwen2-VL's is a Qwen layout over the same specials
+    from vtprune.demo_models import model_dir
+
+    proc.chat_template = (model_dir("qwen2_vl") / "chat_template.jinja").read_text()
+    model.save_pretrained(tmp_path / "q")
+    proc.save_pretrained(tmp_path / "q")
+    cls = get_model("qwen2_5_vl")
+    assert cls is chat_qwen.Qwen2_5_VL
+    ref = cls(pretrained=str(tmp_path / "q"), device="cpu", device_map="cpu")
+    _fix_processor(ref, str(tmp_path / "q"))
+    direct = _evaluate(ref, "", [GEN], 3)
+    wrapped = _evaluate("vtprune", f"base=qwen2_5_vl,pretrained={tmp_path / 'q'},method=none", [GEN], 3)
+    assert _responses(direct) == _responses(wrapped) and len(_responses(direct)) == 3
+    assert wrapped["throughput"]["avg_vtprune_visual_tokens_after"] > 0
