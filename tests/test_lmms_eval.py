@@ -437,6 +437,18 @@ def test_cli_bad_model_args_show_vtprune_error(runs, name, text):
     assert not glob.glob(str(run.out / "**" / "*_results.json"), recursive=True)
 
 
+def test_missing_datasets_expands_groups(monkeypatch, tmp_path):
+    """Groups are followed to their tasks: the bundled group reads local files (nothing missing); a group over a task
+    on an uncached hub dataset names that task."""
+    from vtprune.integrations.lmms_eval import missing_datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert missing_datasets(["vtprune_synth224", "vtprune_synth448_mc"], TASKS) == []
+    (tmp_path / "hub_task.yaml").write_text(HUB_TASK_YAML)
+    (tmp_path / "hub_group.yaml").write_text("group: vtprune_hub_group\ntask:\n  - vtprune_hub_task\n")
+    assert missing_datasets(["vtprune_hub_group"], tmp_path) == [("vtprune_hub_task", "nosuch-org/nosuch-dataset")]
+
+
 def test_cli_offline_missing_dataset_is_named_before_the_model_loads(runs):
     run = runs["missing_dataset"].result()
     assert ("task 'vtprune_hub_task' needs dataset 'nosuch-org/nosuch-dataset'" in run.log

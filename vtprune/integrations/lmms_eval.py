@@ -265,10 +265,14 @@ def missing_datasets(tasks: list[str], include_path: str | Path | None = None) -
         if name in seen or entry is None:
             continue
         seen.add(name)
-        if entry.get("type") in ("group", "tag") or entry.get("yaml_path", -1) == -1:
-            todo += [t for t in entry.get("task", []) if isinstance(t, str)]
+        yaml_path = entry.get("yaml_path", -1)
+        cfg = utils.load_yaml_config(yaml_path, mode="simple") if yaml_path != -1 else {}
+        if entry.get("type") in ("group", "tag") or "group" in cfg:
+            # a tag's index entry lists its tasks; a group's (an int placeholder there) are in its YAML
+            subtasks = entry.get("task") if isinstance(entry.get("task"), list) else cfg.get("task", [])
+            todo += [t if isinstance(t, str) else t.get("task") for t in subtasks or []
+                     if isinstance(t, str) or isinstance(t, dict) and isinstance(t.get("task"), str)]
             continue
-        cfg = utils.load_yaml_config(entry["yaml_path"], mode="simple")
         path = cfg.get("dataset_path")
         if not path or path in _LOCAL_BUILDERS or Path(str(path)).exists():
             continue
