@@ -15,13 +15,18 @@ SIZE = 56
 
 def _run(task: str, seed: int, actions: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
     env = mw.MetaWorldTask(task, seed, size=SIZE)
-    obs = env.reset()
+    out = _play(env, env.reset(), actions)
+    env.close()
+    return out
+
+
+def _play(env: mw.MetaWorldTask, obs: mw.Observation, actions: np.ndarray
+          ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     frames, states = [np.stack(obs.images)], [obs.state]
     for a in actions:
         obs, _ = env.step(a)
         frames.append(np.stack(obs.images))
         states.append(obs.state)
-    env.close()
     return frames, states
 
 
@@ -47,12 +52,7 @@ def test_a_reseeded_instance_gives_the_episode_a_new_one_gives(task):
     env.reset()
     for a in actions[::-1]:
         env.step(a)
-    obs = env.reset(seed=9)
-    frames, states = [np.stack(obs.images)], [obs.state]
-    for a in actions:
-        obs, _ = env.step(a)
-        frames.append(np.stack(obs.images))
-        states.append(obs.state)
+    frames, states = _play(env, env.reset(seed=9), actions)
     env.close()
     assert env.seed == 9
     assert all(np.array_equal(a, b) for a, b in zip(frames, fresh_f))
