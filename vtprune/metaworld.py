@@ -126,7 +126,11 @@ class MetaWorldTask:
         r = self.env.mujoco_renderer
         # shadows and the table's reflection are extra render passes: 4-5x the time of a frame on Mesa's software
         # renderer, and the policy does not need them
-        flags = r._get_viewer("rgb_array").scn.flags
+        viewer = r._get_viewer("rgb_array")
+        # gymnasium makes a viewer's GL context current only when it is created: with several environments, a render
+        # would otherwise draw this scene with the newest environment's context (its meshes and textures)
+        viewer.make_context_current()
+        flags = viewer.scn.flags
         flags[mujoco.mjtRndFlag.mjRND_SHADOW] = flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
         frames = []
         for cam in self.cameras:
