@@ -401,13 +401,7 @@ class VTPrune(lmms):
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> VTPrune:
         """As lmms-eval's, but ``--model_args`` win over the CLI's ``--batch_size`` / ``--device`` (lmms-eval's
         default would pass both and fail with a duplicate keyword)."""
-        from lmms_eval import utils
-
-        args = utils.simple_parse_args_string(arg_string)
-        for k, v in (additional_config or {}).items():
-            if v is not None and k not in args:
-                args[k] = v
-        return cls(**args)
+        return cls(**lmms_hf.model_args(arg_string, additional_config))
 
     # ---- delegation --------------------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

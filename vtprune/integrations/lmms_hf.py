@@ -37,6 +37,18 @@ def _bad(msg: str) -> ValueError:
     return ValueError(f"vtprune lmms-eval model: {msg}")
 
 
+def model_args(arg_string: str, additional_config: dict | None = None) -> dict[str, Any]:
+    """``--model_args`` parsed, with the CLI's non-None settings (``batch_size``, ``device``, ...) filling only the
+    keys ``--model_args`` does not give."""
+    from lmms_eval import utils
+
+    args = utils.simple_parse_args_string(arg_string)
+    for k, v in (additional_config or {}).items():
+        if v is not None and k not in args:
+            args[k] = v
+    return args
+
+
 def resolve_pretrained(pretrained: str) -> str:
     """``vtprune:<name>`` -> the directory of the shipped demo model ``name`` (``vtprune:llava``,
     ``vtprune:qwen2_vl``); anything else unchanged."""
@@ -169,13 +181,7 @@ class HFModel(lmms):
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> HFModel:
         """As lmms-eval's, but ``--model_args`` win over the CLI's ``--batch_size`` / ``--device`` (lmms-eval's
         default would pass both and fail with a duplicate keyword)."""
-        from lmms_eval import utils
-
-        args = utils.simple_parse_args_string(arg_string)
-        for k, v in (additional_config or {}).items():
-            if v is not None and k not in args:
-                args[k] = v
-        return cls(**args)
+        return cls(**model_args(arg_string, additional_config))
 
     @property
     def model(self) -> torch.nn.Module:
